@@ -208,14 +208,15 @@ def multitask_loss(losses: dict, weights: dict) -> torch.Tensor:
 
 
 def pixels_to_normalised(points: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Pixel (x, y) of the network input -> normalised (x / width, y / height).
+    """0-based pixel (x, y) of the network input -> normalised ((x + 0.5) / width, (y + 0.5) / height).
 
-    Convention: continuous image coordinates in which pixel index i covers [i, i + 1), so its centre is at i + 0.5
-    and normalises to (i + 0.5) / size, the same convention as `landmark_target` and `ops.heatmap_to_coords`.
+    Convention (SPEC §5): pixel centres sit at integer coordinates, so pixel index i normalises to (i + 0.5) / size
+    and normalised 0 and 1 are the image borders; the same convention as `landmark_target` and
+    `ops.heatmap_to_coords` (the authors' ground truth is (label + 0.5) / 512).
     """
     scale = torch.tensor([width, height], dtype=points.dtype if points.is_floating_point() else torch.float32,
                          device=points.device)
-    return points / scale
+    return (points + 0.5) / scale
 
 
 TASK_TYPES = ("landmarks", "parsing", "age", "expression", "attributes", "recognition")
@@ -225,7 +226,7 @@ def task_loss(task_type: str, outputs: dict, batch: dict, cosface: CosFace | Non
     """The loss of one task head from the model's output dict and a data.py batch dict.
 
     landmarks: outputs `heatmap` [B,N,h,w] (and `coords`, used if present); batch `landmarks` [B,N,2] in pixels of
-      `image` [B,3,S,S], normalised by `pixels_to_normalised` (x / W, y / H).
+      `image` [B,3,S,S], normalised by `pixels_to_normalised` ((x + 0.5) / W, (y + 0.5) / H).
     parsing: outputs `logits` [B,C,H,W]; batch `mask` [B,H,W].
     age: outputs `logits` [B,101] (preferred) or `probs` [B,101]; batch `age` [B].
     expression: outputs `logits` [B,7]; batch `expression` [B].

@@ -285,7 +285,7 @@ def test_task_loss_landmarks_normalises_pixels_by_image_size():
     pix = torch.rand(2, 3, 2, generator=g) * 64
     batch = {"image": torch.zeros(2, 3, 64, 64), "landmarks": pix}
     got = losses.task_loss("landmarks", {"heatmap": heat}, batch)
-    _close(got, float(losses.landmark_loss(heat, pix / 64)), 1e-6)
+    _close(got, float(losses.landmark_loss(heat, (pix + 0.5) / 64)), 1e-6)   # pixel centres at integers
 
 
 def test_task_loss_dispatch_other_heads():

@@ -1,0 +1,454 @@
+"""Faceptor and Naive Faceptor (Qin et al., ECCV 2024): encoder, task table and model assemblies.
+
+Paper sections: 3.2 (Faceptor: eq. (1) encoder, eqs. (2)-(5) decoders and outputs), 3.3 (Layer-Attention,
+eqs. (6)-(7)), appendix A.2 (Naive Faceptor). Design: ../shared/SPEC.md §2-§6.
+
+    cfg = FaceptorConfig.base()                  # or .full(), .tiny()
+    model = Faceptor(cfg)
+    out = model(images, "300w")                  # {"heatmap": [B,68,H/4,W/4], "coords": [B,68,2]}
+    outs = model.predict(images_512=x512, images_112=x112)   # every head, one decoder pass
+
+Divergences from the paper (each also listed in SPEC.md):
+  * The encoder's attention uses F.scaled_dot_product_attention (same math as the packed MHA).
+  * The position table is kept at 32x32 (+ class row) and resized (bicubic) to the input grid at every forward.
+  * L_t is per task head (paper eq. (7)); the authors' code shares one table.
+  * In stage 2 the encoder runs in eval mode (no drop-path), since it is frozen.
+Checkpoint loading and conversion live in convert.py and are re-exported here.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import ops
+from decoder import AnchorPosition, PixelDecoder, Projection, QueryGroup, TaskQueries, TransformerDecoder
+from heads import DenseOutput, IdentityOutput, MLCAHead, UperNetHead, ValueOutput, age_readout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Task table (SPEC §2). Adding a task head = one entry here.
+
+class TaskSpec(NamedTuple):
+    type: str          # landmarks | parsing | age | expression | attributes | recognition
+    queries: int       # N_t (landmark points, parsing classes incl. background, age bins, classes, attributes)
+    size: int          # input size group in the paper: 512 (dense tasks) or 112 (the rest)
+
+
+TASKS: Dict[str, TaskSpec] = {
+    "300w": TaskSpec("landmarks", 68, 512),
+    "wflw": TaskSpec("landmarks", 98, 512),
+    "cofw": TaskSpec("landmarks", 29, 512),
+    "aflw19": TaskSpec("landmarks", 19, 512),
+    "celebamask_hq": TaskSpec("parsing", 19, 512),
+    "lapa": TaskSpec("parsing", 11, 512),
+    "morph2": TaskSpec("age", 101, 112),
+    "utkface": TaskSpec("age", 101, 112),
+    "affectnet": TaskSpec("expression", 7, 112),
+    "rafdb": TaskSpec("expression", 7, 112),
+    "ferplus": TaskSpec("expression", 7, 112),
+    "celeba": TaskSpec("attributes", 40, 112),
+    "lfw73": TaskSpec("attributes", 73, 112),
+    "ms1mv3": TaskSpec("recognition", 0, 112),
+}
+TASK_TYPES = ("landmarks", "parsing", "age", "expression", "attributes", "recognition")
+BASE_TASKS = ("300w", "celebamask_hq", "morph2", "affectnet", "rafdb", "celeba", "ms1mv3")
+FULL_TASKS = ("300w", "wflw", "cofw", "aflw19", "celebamask_hq", "lapa", "morph2", "utkface",
+              "affectnet", "rafdb", "ferplus", "celeba", "ms1mv3")
+
+
+@dataclass
+class FaceptorConfig:
+    vit_width: int = 768          # C_en
+    vit_layers: int = 12
+    vit_heads: int = 12
+    patch_size: int = 16          # S
+    pos_grid: int = 32            # the stored position table is pos_grid x pos_grid (+ class row)
+    drop_path: float = 0.2        # rises linearly from 0 over the blocks (stage 1)
+    dec_dim: int = 256            # C_de
+    dec_heads: int = 8
+    dec_layers: int = 9
+    dec_ffn: int = 2048
+    embed_dim: int = 512          # identity embedding
+    clip_dim: int = 512           # width of CLIP's unused `proj`, kept so checkpoints load
+    tasks: Tuple[str, ...] = BASE_TASKS
+    stage: int = 1
+    la_layers: Tuple[int, ...] = (2, 4, 6, 8, 10)   # extra encoder layers (1-based) of Layer-Attention, stage 2
+    size_512: int = 512           # pixel size used for the tasks of the 512-px group
+    size_112: int = 112           # pixel size used for the tasks of the 112-px group
+
+    def __post_init__(self):
+        self.tasks = tuple(self.tasks)
+        self.la_layers = tuple(self.la_layers)
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"FaceptorConfig.tasks: unknown task(s) {unknown}; expected names from {list(TASKS)}")
+        if self.stage not in (1, 2):
+            raise ValueError(f"FaceptorConfig.stage must be 1 or 2, got {self.stage}")
+        if self.vit_width % self.vit_heads or self.dec_dim % self.dec_heads:
+            raise ValueError("FaceptorConfig: vit_width must be divisible by vit_heads and dec_dim by dec_heads")
+        if self.dec_dim % 2:
+            raise ValueError("FaceptorConfig.dec_dim must be even (2-D sine code)")
+        if any(not 1 <= n < self.vit_layers for n in self.la_layers):
+            raise ValueError(f"FaceptorConfig.la_layers {self.la_layers} must lie in 1..{self.vit_layers - 1}")
+        for s in (self.size_512, self.size_112):
+            if s % self.patch_size:
+                raise ValueError(f"FaceptorConfig: input size {s} is not divisible by patch_size {self.patch_size}")
+
+    @classmethod
+    def base(cls, **kw) -> "FaceptorConfig":
+        return cls(**{"tasks": BASE_TASKS, **kw})
+
+    @classmethod
+    def full(cls, **kw) -> "FaceptorConfig":
+        return cls(**{"tasks": FULL_TASKS, **kw})
+
+    @classmethod
+    def tiny(cls, **kw) -> "FaceptorConfig":
+        """Small dimensions for tests and CPU demos; Base task set unless `tasks` is given."""
+        d = dict(vit_width=64, vit_layers=6, vit_heads=4, patch_size=8, pos_grid=8, drop_path=0.0, dec_dim=32,
+                 dec_heads=4, dec_layers=2, dec_ffn=64, embed_dim=32, clip_dim=32, tasks=BASE_TASKS,
+                 la_layers=(1, 2, 3, 4, 5), size_512=64, size_112=32)
+        d.update(kw)
+        return cls(**d)
+
+    @property
+    def levels(self) -> int:
+        """Rows of L_t: layer 12 plus the Layer-Attention layers."""
+        return 1 + len(self.la_layers)
+
+    def input_size(self, task: str) -> int:
+        return self.size_512 if TASKS[task].size == 512 else self.size_112
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoder (eq. 1): CLIP-format ViT as FaRL ships it
+
+class DropPath(nn.Module):
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with nn.MultiheadAttention's parameter layout, computed with SDPA."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, x):                                                              # x [B, T, C_en]
+        B, T, C = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)                      # [B, T, 3 C_en]
+        qkv = qkv.reshape(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # [3, B, heads, T, dh]
+        o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])                     # [B, heads, T, dh]
+        return self.out_proj(o.transpose(1, 2).reshape(B, T, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.c_fc = nn.Linear(width, 4 * width)
+        self.gelu = QuickGELU()
+        self.c_proj = nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, width: int, heads: int, drop_path: float = 0.0):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = Mlp(width)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x):
+        x = x + self.drop_path(self.attn(self.ln_1(x)))
+        return x + self.drop_path(self.mlp(self.ln_2(x)))
+
+
+class VisionTransformer(nn.Module):
+    """Eq. (1): F = TransformerEncoder(X, E_en_pos), all layer maps [B, C_en, H/S, W/S], class token dropped."""
+
+    def __init__(self, width=768, layers=12, heads=12, patch_size=16, pos_grid=32, drop_path=0.0, clip_dim=512):
+        super().__init__()
+        self.width, self.patch_size, self.pos_grid = width, patch_size, pos_grid
+        scale = width ** -0.5
+        self.conv1 = nn.Conv2d(3, width, patch_size, patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(pos_grid * pos_grid + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        rates = [drop_path * i / (layers - 1) if layers > 1 else 0.0 for i in range(layers)]
+        self.blocks = nn.ModuleList(ResidualBlock(width, heads, r) for r in rates)
+        self.ln_post = nn.LayerNorm(width)                                              # unused, kept for loading
+        self.proj = nn.Parameter(scale * torch.randn(width, clip_dim))                  # unused, kept for loading
+
+    def position_table(self, gh: int, gw: int) -> torch.Tensor:
+        """The stored pos_grid^2 table resized to the input grid (bicubic, align_corners=False) -> [1+gh*gw, C_en]."""
+        pe = self.positional_embedding
+        if (gh, gw) == (self.pos_grid, self.pos_grid):
+            return pe
+        grid = pe[1:].reshape(1, self.pos_grid, self.pos_grid, -1).permute(0, 3, 1, 2)  # [1, C_en, G, G]
+        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False, antialias=False)
+        return torch.cat([pe[:1], grid.permute(0, 2, 3, 1).reshape(gh * gw, -1)], 0)
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        x = self.conv1(x)                                                               # [B, C_en, h, w]
+        B, C, gh, gw = x.shape
+        x = x.flatten(2).transpose(1, 2)                                                # [B, h*w, C_en]
+        x = torch.cat([self.class_embedding.to(x.dtype).expand(B, 1, C), x], 1)        # [B, 1+h*w, C_en]
+        x = self.ln_pre(x + self.position_table(gh, gw).to(x.dtype))
+        feats = []
+        for blk in self.blocks:
+            x = blk(x)
+            feats.append(x[:, 1:].transpose(1, 2).reshape(B, C, gh, gw))               # [B, C_en, h, w]
+        return feats                                                                    # Eq. (1): 12 maps
+
+
+def _check_images(images, patch_size: int, what: str = "images"):
+    if not torch.is_tensor(images) or images.dim() != 4:
+        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+        raise ValueError(f"{what}: expected a float tensor [B, 3, H, W], got {shape}")
+    if images.shape[1] != 3:
+        raise ValueError(f"{what}: expected 3 channels (RGB) in dim 1, got shape {tuple(images.shape)}")
+    if images.shape[-1] % patch_size or images.shape[-2] % patch_size:
+        raise ValueError(f"{what}: height and width must be divisible by the patch size {patch_size}, "
+                         f"got {tuple(images.shape[-2:])}")
+    if not images.is_floating_point():
+        raise ValueError(f"{what}: expected a normalised float tensor, got dtype {images.dtype}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Faceptor
+
+class Faceptor(nn.Module):
+    """Single encoder, dual decoders (transformer decoder with task queries + pixel decoder), shared outputs."""
+
+    def __init__(self, cfg: FaceptorConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = VisionTransformer(cfg.vit_width, cfg.vit_layers, cfg.vit_heads, cfg.patch_size, cfg.pos_grid,
+                                         cfg.drop_path, cfg.clip_dim)
+        proj_layers = (cfg.vit_layers,) + (cfg.la_layers if cfg.stage == 2 else ())
+        self.projection = Projection(cfg.vit_width, cfg.dec_dim, proj_layers)
+        self.anchor_pos = AnchorPosition(cfg.dec_dim)
+        self.queries = nn.ModuleDict({t: TaskQueries(TASKS[t].queries, cfg.dec_dim, cfg.levels)
+                                      for t in cfg.tasks if TASKS[t].type != "recognition"})
+        self.decoder = TransformerDecoder(cfg.dec_dim, cfg.dec_heads, cfg.dec_layers, cfg.dec_ffn)
+        self.pixel_decoder = PixelDecoder(cfg.dec_dim)
+        self.dense_head = DenseOutput(cfg.dec_dim)
+        self.value_head = ValueOutput(cfg.dec_dim)
+        self.identity_head = IdentityOutput(cfg.vit_width, cfg.embed_dim)
+        self.layer_attention_off = set()       # task heads that see only the layer-12 memory in stage 2
+        self.attention_impl = "auto"           # cross-attention path: auto | ref | fused
+
+    # -- switches ------------------------------------------------------------------------------------------------
+    def set_layer_attention(self, task: str, enabled: bool):
+        """Per-head Layer-Attention switch at inference (stage 2). Off = exactly the stage-1 memory for that head."""
+        self._check_task(task)
+        (self.layer_attention_off.discard if enabled else self.layer_attention_off.add)(task)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.cfg.stage == 2:
+            self.encoder.eval()        # frozen in stage 2: no drop-path [ours]
+        return self
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+    def _check_task(self, task: str):
+        if task not in self.cfg.tasks:
+            raise ValueError(f"unknown task {task!r}: this model has task heads {list(self.cfg.tasks)}")
+
+    def _group(self, task: str, start: int, memory: int = 0) -> QueryGroup:
+        q = self.queries[task]
+        la = self.cfg.stage == 2 and task not in self.layer_attention_off
+        return QueryGroup(start, start + q.content.shape[0], memory, q.level if la else None)
+
+    def _memory(self, feats):
+        """-> memory [B, L, HW, C_de] (Eq. (3)), P [HW, C_de], projected F^12 map [B, C_de, h, w]."""
+        B, _, gh, gw = feats[-1].shape
+        mem = self.projection(feats)                                                    # Eq. (3)
+        f12 = mem[:, 0].transpose(1, 2).reshape(B, -1, gh, gw)                          # [B, C_de, h, w]
+        return mem, self.anchor_pos(gh, gw), f12
+
+    def _outputs(self, task, tokens, f12, feats, size):
+        kind = TASKS[task].type
+        if kind == "recognition":
+            return {"embedding": self.identity_head(feats[-1])}
+        if kind in ("landmarks", "parsing"):
+            pixel = self.pixel_decoder(f12)                                             # Eq. (5) [B, C_de, H/4, W/4]
+            logits = self.dense_head(tokens, pixel)                                     # [B, N_t, H/4, W/4]
+            if kind == "landmarks":
+                return {"heatmap": logits, "coords": ops.heatmap_to_coords(logits)}
+            return {"logits": F.interpolate(logits, size=size, mode="bilinear", align_corners=False)}
+        logits = self.value_head(tokens)                                                # [B, N_t]
+        if kind == "age":
+            probs, age = age_readout(logits)
+            return {"probs": probs, "age": age, "logits": logits}
+        return {"logits": logits}
+
+    # -- forward -------------------------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, task: str) -> Dict[str, torch.Tensor]:
+        """One task head on a batch of normalised images [B, 3, H, W]."""
+        self._check_task(task)
+        _check_images(images, self.cfg.patch_size)
+        feats = self.encoder(images)                                                    # Eq. (1)
+        if TASKS[task].type == "recognition":
+            return self._outputs(task, None, None, feats, images.shape[-2:])
+        mem, pos, f12 = self._memory(feats)
+        g = self._group(task, 0)
+        if g.level is None:
+            mem = mem[:, :1]
+        else:
+            g.level = g.level[: mem.shape[1]]
+        q = self.queries[task]
+        B = images.shape[0]
+        content = q.content.expand(B, -1, -1)                                           # Eq. (2) [B, N_t, C_de]
+        qpos = q.pos.expand(B, -1, -1)
+        tokens = self.decoder(content, qpos, [mem], [pos], [g], self.attention_impl)   # Eq. (4) T_t
+        return self._outputs(task, tokens, f12, feats, images.shape[-2:])
+
+    @torch.no_grad()
+    def predict(self, images_512: Optional[torch.Tensor] = None, images_112: Optional[torch.Tensor] = None,
+                tasks: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, torch.Tensor]]:
+        """Every requested head at once: the encoder once per input size, all query heads in ONE decoder pass
+        (self-attention block-diagonal per head). Dense heads read `images_512`, the others `images_112`;
+        both hold the same B faces. Returns {task: outputs}."""
+        tasks = list(self.cfg.tasks if tasks is None else tasks)
+        for t in tasks:
+            self._check_task(t)
+        inputs = {512: images_512, 112: images_112}
+        need = {TASKS[t].size for t in tasks}
+        for s in need:
+            if inputs[s] is None:
+                names = [t for t in tasks if TASKS[t].size == s]
+                raise ValueError(f"predict: tasks {names} need images_{s}")
+            _check_images(inputs[s], self.cfg.patch_size, f"images_{s}")
+        sizes = sorted(need, reverse=True)
+        batch = {inputs[s].shape[0] for s in sizes}
+        if len(batch) > 1:
+            raise ValueError(f"predict: images_512 and images_112 must hold the same faces, got batch sizes {batch}")
+        enc = {s: self.encoder(inputs[s]) for s in sizes}                                # Eq. (1), once per size
+        memories, pos, f12, groups, contents, qposes, order = [], [], {}, [], [], [], []
+        start = 0
+        for m, s in enumerate(sizes):
+            qtasks = [t for t in tasks if TASKS[t].size == s and TASKS[t].type != "recognition"]
+            if not qtasks:
+                memories.append(None), pos.append(None)
+                continue
+            mem, p, f12[s] = self._memory(enc[s])
+            if all(self._group(t, 0).level is None for t in qtasks):
+                mem = mem[:, :1]
+            memories.append(mem), pos.append(p)
+            for t in qtasks:
+                g = self._group(t, start, m)
+                if g.level is not None:
+                    g.level = g.level[: mem.shape[1]]
+                groups.append(g), order.append((t, s, g))
+                contents.append(self.queries[t].content), qposes.append(self.queries[t].pos)
+                start = g.stop
+        out = {}
+        if groups:
+            B = next(iter(batch))
+            content = torch.cat(contents).expand(B, -1, -1)                             # [B, sum N_t, C_de]
+            qpos = torch.cat(qposes).expand(B, -1, -1)
+            tokens = self.decoder(content, qpos, memories, pos, groups, self.attention_impl)  # Eq. (4), one pass
+            for t, s, g in order:
+                out[t] = self._outputs(t, tokens[:, g.start:g.stop], f12[s], enc[s], inputs[s].shape[-2:])
+        for t in tasks:
+            if TASKS[t].type == "recognition":
+                out[t] = self._outputs(t, None, None, enc[112], None)
+        return {t: out[t] for t in tasks}
+
+
+def stage2_parameters(model: Faceptor, tasks: Optional[Sequence[str]] = None) -> List[nn.Parameter]:
+    """The parameters stage 2 trains: L_t of the chosen heads + the projections of the Layer-Attention layers."""
+    if model.cfg.stage != 2:
+        raise ValueError("stage2_parameters: the model is a stage-1 model (cfg.stage == 1)")
+    tasks = [t for t in (tasks or model.queries.keys())]
+    for t in tasks:
+        if t not in model.queries:
+            raise ValueError(f"stage2_parameters: {t!r} is not a query head of this model ({list(model.queries)})")
+    params = [model.queries[t].level for t in tasks]
+    for conv in list(model.projection.convs)[1:]:
+        params += list(conv.parameters())
+    return params
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Naive Faceptor (appendix A.2)
+
+NAIVE_HEAD_TYPES = {"landmarks": "dense", "parsing": "dense", "age": "mlca", "expression": "mlca",
+                    "attributes": "mlca", "recognition": "identity"}
+
+
+class NaiveFaceptor(nn.Module):
+    """Shared encoder; one head per task type (UperNet / MLCA / identity), a per-dataset final layer."""
+
+    def __init__(self, cfg: FaceptorConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = VisionTransformer(cfg.vit_width, cfg.vit_layers, cfg.vit_heads, cfg.patch_size, cfg.pos_grid,
+                                         cfg.drop_path, cfg.clip_dim)
+        scale = lambda ns: tuple(max(1, round(n * cfg.vit_layers / 12)) for n in ns)   # noqa: E731
+        self.dense_layers, self.mlca_layers = scale(UperNetHead.layers), scale(MLCAHead.layers)
+        heads = {}
+        for kind in TASK_TYPES:
+            outs = {t: TASKS[t].queries for t in cfg.tasks if TASKS[t].type == kind}
+            if not outs:
+                continue
+            if NAIVE_HEAD_TYPES[kind] == "dense":
+                heads[kind] = UperNetHead(cfg.vit_width, outs)
+            elif NAIVE_HEAD_TYPES[kind] == "mlca":
+                heads[kind] = MLCAHead(cfg.vit_width, outs)
+            else:
+                heads[kind] = IdentityOutput(cfg.vit_width, cfg.embed_dim)
+        self.heads = nn.ModuleDict(heads)
+
+    def forward(self, images: torch.Tensor, task: str) -> Dict[str, torch.Tensor]:
+        if task not in self.cfg.tasks:
+            raise ValueError(f"unknown task {task!r}: this model has task heads {list(self.cfg.tasks)}")
+        _check_images(images, self.cfg.patch_size)
+        feats = self.encoder(images)
+        kind = TASKS[task].type
+        head = self.heads[kind]
+        if kind == "recognition":
+            return {"embedding": head(feats[-1])}
+        if kind in ("landmarks", "parsing"):
+            logits = head(feats, task, self.dense_layers)                               # [B, N, H/4, W/4]
+            if kind == "landmarks":
+                return {"heatmap": logits, "coords": ops.heatmap_to_coords(logits)}
+            return {"logits": F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)}
+        logits = head(feats, task, self.mlca_layers)
+        if kind == "age":
+            probs, age = age_readout(logits)
+            return {"probs": probs, "age": age, "logits": logits}
+        return {"logits": logits}
+
+
+from convert import convert_official_state_dict, load_farl  # noqa: E402,F401  (re-exported)
