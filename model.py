@@ -296,12 +296,15 @@ class Faceptor(nn.Module):
         f12 = mem[:, 0].transpose(1, 2).reshape(B, -1, gh, gw)                          # [B, C_de, h, w]
         return mem, self.anchor_pos(gh, gw), f12
 
-    def _outputs(self, task, tokens, f12, feats, size):
+    def _outputs(self, task, tokens, f12, feats, size, cache=None):
         kind = TASKS[task].type
         if kind == "recognition":
             return {"embedding": self.identity_head(feats[-1])}
         if kind in ("landmarks", "parsing"):
-            pixel = self.pixel_decoder(f12)                                             # Eq. (5) [B, C_de, H/4, W/4]
+            cache = {} if cache is None else cache
+            if id(f12) not in cache:                                                    # once per input in predict
+                cache[id(f12)] = self.pixel_decoder(f12)                                # Eq. (5) [B, C_de, H/4, W/4]
+            pixel = cache[id(f12)]
             logits = self.dense_head(tokens, pixel)                                     # [B, N_t, H/4, W/4]
             if kind == "landmarks":
                 return {"heatmap": logits, "coords": ops.heatmap_to_coords(logits)}
@@ -378,8 +381,9 @@ class Faceptor(nn.Module):
             content = torch.cat(contents).expand(B, -1, -1)                             # [B, sum N_t, C_de]
             qpos = torch.cat(qposes).expand(B, -1, -1)
             tokens = self.decoder(content, qpos, memories, pos, groups, self.attention_impl)  # Eq. (4), one pass
+            pixel = {}
             for t, s, g in order:
-                out[t] = self._outputs(t, tokens[:, g.start:g.stop], f12[s], enc[s], inputs[s].shape[-2:])
+                out[t] = self._outputs(t, tokens[:, g.start:g.stop], f12[s], enc[s], inputs[s].shape[-2:], pixel)
         for t in tasks:
             if TASKS[t].type == "recognition":
                 out[t] = self._outputs(t, None, None, enc[112], None)
