@@ -336,6 +336,40 @@ class Faceptor(nn.Module):
         tokens = self.decoder(content, qpos, [mem], [pos], [g], self.attention_impl)   # Eq. (4) T_t
         return self._outputs(task, tokens, f12, feats, images.shape[-2:])
 
+    def forward_tasks(self, batches: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, torch.Tensor]]:
+        """Training step forward (SPEC §8): {task: images [n_t, 3, H, W]} -> {task: outputs}. The encoder runs once
+        per input size on all samples of that size together; each head is then decoded on its own samples."""
+        by_size: Dict[Tuple[int, int], List[str]] = {}
+        for t, x in batches.items():
+            self._check_task(t)
+            _check_images(x, self.cfg.patch_size, f"images of {t!r}")
+            by_size.setdefault(tuple(x.shape[-2:]), []).append(t)
+        out = {}
+        for size, names in by_size.items():
+            feats = self.encoder(torch.cat([batches[t] for t in names]))                  # Eq. (1), once per size
+            mem = pos = f12 = None
+            start = 0
+            for t in names:
+                n = batches[t].shape[0]
+                fs = [f[start:start + n] for f in feats]
+                start += n
+                if TASKS[t].type == "recognition":
+                    out[t] = self._outputs(t, None, None, fs, size)
+                    continue
+                if mem is None:
+                    mem, pos, f12 = self._memory(feats)                                  # Eq. (3), once per size
+                g = self._group(t, 0)
+                m = mem[start - n:start]
+                if g.level is None:
+                    m = m[:, :1]
+                else:
+                    g.level = g.level[: m.shape[1]]
+                q = self.queries[t]
+                tokens = self.decoder(q.content.expand(n, -1, -1), q.pos.expand(n, -1, -1), [m], [pos], [g],
+                                      self.attention_impl)                               # Eq. (4)
+                out[t] = self._outputs(t, tokens, f12[start - n:start], fs, size)
+        return {t: out[t] for t in batches}
+
     @torch.no_grad()
     def predict(self, images_512: Optional[torch.Tensor] = None, images_112: Optional[torch.Tensor] = None,
                 tasks: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, torch.Tensor]]:

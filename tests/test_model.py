@@ -308,3 +308,18 @@ def test_bad_task_and_config(tiny):
 
 def test_base_task_set():
     assert FaceptorConfig.base().tasks == BASE_TASKS and len(FaceptorConfig.full().tasks) == 13
+
+
+def test_forward_tasks_equals_per_task_forward():
+    """The training forward (encoder once per input size over all heads' samples) equals per-task calls."""
+    torch.manual_seed(0)
+    m = Faceptor(FaceptorConfig.tiny(stage=2)).eval()
+    g = torch.Generator().manual_seed(3)
+    batches = {t: torch.randn(1 + i % 3, 3, m.cfg.input_size(t), m.cfg.input_size(t), generator=g)
+               for i, t in enumerate(m.cfg.tasks)}
+    out = m.forward_tasks(batches)
+    assert list(out) == list(batches)
+    for t, x in batches.items():
+        ref = m(x, t)
+        for k in ref:
+            _assert_close(out[t][k], ref[k], 1e-5, f"{t}.{k}")
