@@ -1,10 +1,53 @@
-"""Fast ops of Faceptor: reference math and dispatch.
+"""Fast ops of Faceptor: heatmap -> coordinates (eq. 9) and fused Layer-Attention cross-attention (eqs. 6-7).
 
-(Stub: reference implementations only; fast paths are added by the kernels work.)
+Two public functions, each with reference math in this file and one dispatch with `impl=`:
+
+* `heatmap_to_coords(logits, impl="auto"|"ref"|"ext")`: the "normalising channel k" of eq. (9) (App. A.3) as the
+  authors' code does it (SPEC §5): sigmoid, sum-normalise, expected column/row, pixel-centre convention.
+  "ext" is the C++/CUDA op `torch.ops.faceptor.heatmap_to_coords_fwd/bwd` (csrc/), built with
+  `python setup.py build_ext --inplace`; "auto" uses it when built (and built for the tensor's device), else the
+  reference, and says once how to build it.
+* `layer_attention(q, kf, kp, v, lb, impl="auto"|"ref"|"triton")`: the decoder cross-attention with
+  Layer-Attention, eq. (7) keys K = F^ + L_t + P fed to eq. (6) attention, rewritten by linearity
+  (KERNELS.md §1): score(q, (j, p)) = q.(KF[j,p] + KP[p]) / sqrt(dh) + LB[q, j]; the task term q.W_k L_t,j is the
+  per-(query, layer) bias LB, so queries of several task heads share one launch. "triton" is the fused
+  flash-style kernel of ops_triton.py; "auto" picks it for CUDA tensors and the reference elsewhere.
+
+Divergences / conventions:
+* heatmap_to_coords returns float32 for float32/float16/bfloat16 logits (the sums are accumulated in fp32 rows
+  and fp64 channels) and float64 for float64 logits. The paper's eq. (9) does not say how channels are
+  normalised; we follow the authors' code (sigmoid / sum, S clamped at 1e-6), not a softmax.
+* layer_attention takes already projected, already scaled inputs: b_k is folded into kp (it cancels in the
+  softmax anyway) and b_v is added by the caller after the op. A layer bias of -inf masks a layer (Layer-Attention
+  switched off, paper: "can be excluded during inference"); a row with every key masked returns 0, not NaN.
 """
+import logging
+
 import torch
 
+log = logging.getLogger(__name__)
 
+BUILD_HINT = "build it with `python setup.py build_ext --inplace` in the repository root"
+
+# ---------------------------------------------------------------------------------------------------------------
+# Availability of the fast paths, decided once at import.
+try:
+    import _faceptor_ops  # noqa: F401  (loading it registers torch.ops.faceptor.*)
+    HAVE_EXT = True
+except ImportError as _err:
+    HAVE_EXT = False
+    _EXT_IMPORT_ERROR = str(_err)
+
+try:
+    import ops_triton
+    HAVE_TRITON = True
+except ImportError:
+    ops_triton = None
+    HAVE_TRITON = False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# heatmap -> coordinates: reference
 def heatmap_to_coords_ref(logits: torch.Tensor) -> torch.Tensor:
     """Sigmoid-weighted soft-argmax (SPEC §5). logits [B,K,H,W] -> coords [B,K,2] as normalised (x, y)."""
     B, K, H, W = logits.shape
@@ -15,13 +58,115 @@ def heatmap_to_coords_ref(logits: torch.Tensor) -> torch.Tensor:
     rows = torch.arange(H, dtype=x.dtype, device=x.device)
     u = (s.sum(-2) * cols).sum(-1) / S                              # [B, K] expected column
     v = (s.sum(-1) * rows).sum(-1) / S                              # [B, K] expected row
-    return torch.stack([(u + 0.5) / W, (v + 0.5) / H], dim=-1)
+    return torch.stack([(u + 0.5) / W, (v + 0.5) / H], dim=-1)     # Eq. (9) normalised channel -> (x, y)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# heatmap -> coordinates: the C++/CUDA op (csrc/); Python supplies the fake (meta) kernel and the autograd formula.
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+
+
+def _coords_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_EXT_REGISTERED = False
+_EXT_DEVICES = frozenset()   # device types the loaded extension has kernels for ("cpu", "cuda")
+
+
+def _register_ext_python_parts():
+    """register_fake + register_autograd for the C++ op; runs once after the library is loaded."""
+    global _EXT_REGISTERED, _EXT_DEVICES, HAVE_EXT
+    if _EXT_REGISTERED:
+        return
+    fwd_name, bwd_name = "faceptor::heatmap_to_coords_fwd", "faceptor::heatmap_to_coords_bwd"
+
+    @torch.library.register_fake(fwd_name)
+    def _(logits, stream=0):
+        B, K = logits.shape[:2]
+        dt = _coords_dtype(logits.dtype)
+        return logits.new_empty((B, K, 2), dtype=dt), logits.new_empty((B, K, 3), dtype=dt)
+
+    @torch.library.register_fake(bwd_name)
+    def _(grad, logits, stats, stream=0):
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+    def setup_context(ctx, inputs, output):
+        logits, _stream_id = inputs
+        ctx.save_for_backward(logits, output[1])                 # stats = (S flagged, u, v) per channel
+        ctx.mark_non_differentiable(output[1])
+
+    def backward(ctx, grad_coords, grad_stats):
+        logits, stats = ctx.saved_tensors
+        grad_logits = torch.ops.faceptor.heatmap_to_coords_bwd(grad_coords, logits, stats, _stream(logits))
+        return grad_logits, None
+
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+    _EXT_DEVICES = frozenset(dev for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                             if torch._C._dispatch_has_kernel_for_dispatch_key(fwd_name, key))
+    _EXT_REGISTERED = True
+    HAVE_EXT = True
+
+
+def load_extension_library(path: str):
+    """Load a separately built extension library (e.g. by cpp_extension.load in the tests) and enable "ext"."""
+    torch.ops.load_library(path)
+    _register_ext_python_parts()
+
+
+if HAVE_EXT:
+    _register_ext_python_parts()
+
+
+def _ext_supports(device: torch.device) -> bool:
+    return device.type in _EXT_DEVICES
+
+
+_HINT_GIVEN = False
+
+
+def _hint_once(what: str):
+    global _HINT_GIVEN
+    if not _HINT_GIVEN:
+        _HINT_GIVEN = True
+        log.warning("ops.%s: the faceptor extension is not available (%s); using the PyTorch reference. To use "
+                    "the fast op, %s.", what, _EXT_IMPORT_ERROR if not HAVE_EXT else "no kernel for this device",
+                    BUILD_HINT)
+
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_logits(logits):
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"ops.heatmap_to_coords: logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 4:
+        raise ValueError(f"ops.heatmap_to_coords: logits must be [B, K, H, W], got shape {tuple(logits.shape)}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"ops.heatmap_to_coords: logits must be float32/float64/float16/bfloat16, got {logits.dtype}")
+    if logits.numel() == 0:
+        raise ValueError(f"ops.heatmap_to_coords: logits must be non-empty, got shape {tuple(logits.shape)}")
 
 
 def heatmap_to_coords(logits: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    return heatmap_to_coords_ref(logits)
+    """logits [B,K,H,W] (fp32/fp16/bf16/fp64, any strides) -> coords [B,K,2] normalised (x, y), fp32 (fp64 for
+    fp64 input). Differentiable. impl: "auto" (the extension when built for this device), "ref" or "ext"."""
+    _check_logits(logits)
+    if impl not in ("auto", "ref", "ext"):
+        raise ValueError(f"ops.heatmap_to_coords: impl must be 'auto', 'ref' or 'ext', got {impl!r}")
+    if impl == "ext" and not _ext_supports(logits.device):
+        raise RuntimeError(f"ops.heatmap_to_coords(impl='ext'): the faceptor extension has no kernel for "
+                           f"{logits.device.type} tensors; {BUILD_HINT}")
+    if impl == "ref" or not _ext_supports(logits.device):
+        if impl == "auto":
+            _hint_once("heatmap_to_coords")
+        return heatmap_to_coords_ref(logits)
+    return torch.ops.faceptor.heatmap_to_coords_fwd(logits, _stream(logits))[0]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Layer-Attention cross-attention: reference (float64-capable, plain PyTorch)
 def layer_attention_ref(q, kf, kp, v, lb):
     """softmax_{(j,p)}(q.(kf[j,p] + kp[p]) / sqrt(dh) + lb[q, j]) @ v over the L*HW keys.
 
@@ -30,8 +175,8 @@ def layer_attention_ref(q, kf, kp, v, lb):
     B, H, L, HW, dh = kf.shape
     if kp.dim() == 3:
         kp = kp.unsqueeze(0)
-    k = kf + kp.unsqueeze(2)                                        # [B, H, L, HW, dh]
-    s = torch.einsum("bhqd,bhlpd->bhqlp", q, k) * dh ** -0.5 + lb.unsqueeze(-1)
+    k = kf + kp.unsqueeze(2)                                        # [B, H, L, HW, dh]  Eq. (7) keys (minus L_t)
+    s = torch.einsum("bhqd,bhlpd->bhqlp", q, k) * dh ** -0.5 + lb.unsqueeze(-1)   # Eq. (6) scores + L_t term
     s = s.flatten(-2)                                               # [B, H, Nq, L*HW]
     m = s.amax(-1, keepdim=True)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)         # all-masked row guard
@@ -41,5 +186,45 @@ def layer_attention_ref(q, kf, kp, v, lb):
     return out / torch.where(l == 0, torch.ones_like(l), l)
 
 
+def _check_layer_attention_args(q, kf, kp, v, lb):
+    for name, t in (("q", q), ("kf", kf), ("kp", kp), ("v", v), ("lb", lb)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"ops.layer_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"ops.layer_attention: {name} must be floating point, got {t.dtype}")
+    if q.dim() != 4 or kf.dim() != 5:
+        raise ValueError(f"ops.layer_attention: q must be [B,H,Nq,dh] and kf [B,H,L,HW,dh], got "
+                         f"{tuple(q.shape)} and {tuple(kf.shape)}")
+    B, H, Nq, dh = q.shape
+    _, _, L, HW, _ = kf.shape
+    if tuple(kf.shape) != (B, H, L, HW, dh) or tuple(v.shape) != (B, H, L, HW, dh):
+        raise ValueError(f"ops.layer_attention: kf and v must be [B,H,L,HW,dh] = {(B, H, L, HW, dh)}, got "
+                         f"{tuple(kf.shape)} and {tuple(v.shape)}")
+    if tuple(kp.shape) not in ((H, HW, dh), (B, H, HW, dh)):
+        raise ValueError(f"ops.layer_attention: kp must be [H,HW,dh] or [B,H,HW,dh] = {(B, H, HW, dh)}, got "
+                         f"{tuple(kp.shape)}")
+    if tuple(lb.shape) != (B, H, Nq, L):
+        raise ValueError(f"ops.layer_attention: lb must be [B,H,Nq,L] = {(B, H, Nq, L)}, got {tuple(lb.shape)}")
+    if min(B, H, Nq, L, HW, dh) == 0:
+        raise ValueError(f"ops.layer_attention: empty input, q {tuple(q.shape)}, kf {tuple(kf.shape)}")
+
+
 def layer_attention(q, kf, kp, v, lb, impl: str = "auto"):
-    return layer_attention_ref(q, kf, kp, v, lb)
+    """Fused Layer-Attention cross-attention (eqs. 6-7), see layer_attention_ref for the math and shapes.
+
+    impl: "auto" (Triton for CUDA tensors when triton is installed, the reference elsewhere), "ref" or "triton".
+    """
+    _check_layer_attention_args(q, kf, kp, v, lb)
+    if impl == "auto":
+        impl = "triton" if (q.is_cuda and HAVE_TRITON) else "ref"
+    if impl == "ref":
+        return layer_attention_ref(q, kf, kp, v, lb)
+    if impl == "triton":
+        if not HAVE_TRITON:
+            raise RuntimeError("ops.layer_attention(impl='triton'): triton is not installed")
+        return ops_triton.layer_attention_triton(q, kf, kp, v, lb)
+    raise ValueError(f"ops.layer_attention: impl must be 'auto', 'ref' or 'triton', got {impl!r}")
+
+
+__all__ = ["heatmap_to_coords", "heatmap_to_coords_ref", "layer_attention", "layer_attention_ref",
+           "HAVE_EXT", "HAVE_TRITON", "load_extension_library"]
