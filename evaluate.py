@@ -267,3 +267,248 @@ def format_table(rows: Sequence[Mapping], columns: Sequence[str], digits: int = 
     for row in rows:
         lines.append("| " + " | ".join(format_percent(row.get(c), digits) for c in columns) + " |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation pipeline: the synthetic test split (synthetic.py) and the benchmark protocols under --data-root
+# ---------------------------------------------------------------------------------------------------------------
+#
+#   python evaluate.py out/demo/stage1_step0000600.pt                      # synthetic test table
+#   python evaluate.py CHECKPOINT --data-root DATA --json results.json     # every protocol found under DATA
+#
+# Synthetic split (ours; not in the paper): faces of identities never seen in training (synthetic.py draws the
+# test pool from its own seed stream). Every head runs in one `model.predict` call per batch (dense heads on the
+# size_512 rendering, the others on the size_112 rendering of the same faces). Baselines come from training
+# faces: the mean normalised landmark shape, the per-pixel majority class map, the mean age, the majority
+# expression, the per-attribute majority. Verification: 10-fold accuracy on pairs of unseen identities with
+# flip-summed embeddings (DATASETS.md §18). NME uses the 300W inter-ocular unit (points 36 and 45).
+
+_BASELINE_CACHE = {}
+
+
+def _first_head(model, kind: str, queries: int | None = None):
+    from model import TASKS
+    for t in model.cfg.tasks:
+        if TASKS[t].type == kind and (queries is None or TASKS[t].queries == queries):
+            return t
+    return None
+
+
+def _synthetic_settings(train_cfg: Mapping) -> dict:
+    return {"seed": int(train_cfg.get("synthetic_seed", 0)),
+            "identities": int(train_cfg.get("synthetic_identities", 1000)),
+            "length": int(train_cfg.get("synthetic_train_length", 40000))}
+
+
+def synthetic_baselines(size_512: int, settings: Mapping, n: int = 1000) -> dict:
+    """Statistics of `n` training faces: mean normalised landmarks [68,2], majority class map [S,S], mean age,
+    majority expression, per-attribute majority [40] (1/0). Cached per (size, settings, n)."""
+    from synthetic import SyntheticFaces
+    key = (size_512, tuple(sorted(settings.items())), n)
+    if key not in _BASELINE_CACHE:
+        ds = SyntheticFaces("train", size=size_512, length=settings["length"], seed=settings["seed"],
+                            n_identities=settings["identities"])
+        stride = max(1, len(ds) // n)
+        lms, counts, ages, expr, attrs = [], np.zeros((19, size_512, size_512), np.int64), [], [], []
+        for i in range(0, stride * n, stride):
+            it = ds[i % len(ds)]
+            lms.append((it["landmarks"].numpy() + 0.5) / size_512)                   # normalised (x, y)
+            np.put_along_axis(counts, it["mask"].numpy()[None], np.take_along_axis(
+                counts, it["mask"].numpy()[None], 0) + 1, 0)
+            ages.append(it["age"]), expr.append(it["expression"]), attrs.append(it["attributes"].numpy())
+        attrs = np.stack(attrs)
+        _BASELINE_CACHE[key] = {"landmarks": np.mean(lms, 0), "mask": counts.argmax(0), "age": float(np.mean(ages)),
+                                "expression": int(np.bincount(expr, minlength=7).argmax()),
+                                "attributes": (attrs.mean(0) > 0.5).astype(np.int64)}
+    return _BASELINE_CACHE[key]
+
+
+def _to_device_norm(images: torch.Tensor, group: str, device) -> torch.Tensor:
+    from composer import normalize_images
+    return normalize_images(images, group).to(device)
+
+
+@torch.no_grad()
+def evaluate_synthetic(model, train_cfg: Mapping, n_test: int = 1000, n_pairs: int | None = None,
+                       batch_size: int = 64, device="cpu", n_baseline: int = 1000) -> dict:
+    """Metrics of every head of `model` on the synthetic test split and their baselines (fractions; MAE in years).
+
+    train_cfg: the training config dict (checkpoint["config"]) for the synthetic world's seed and identities.
+    Keys: nme, nme_baseline, parsing_f1, parsing_f1_baseline, age_mae, age_mae_baseline, expression_acc,
+    expression_acc_baseline, attribute_macc, attribute_macc_baseline, verification_acc, verification_std,
+    n_test, n_pairs (only the keys whose heads the model has).
+    """
+    from synthetic import SyntheticFaces
+    model.eval()
+    device = torch.device(device)
+    cfg = model.cfg
+    s512, s112 = cfg.size_512, cfg.size_112
+    settings = _synthetic_settings(train_cfg)
+    heads = {"landmarks": _first_head(model, "landmarks", 68), "parsing": _first_head(model, "parsing", 19),
+             "age": _first_head(model, "age"), "expression": _first_head(model, "expression"),
+             "attributes": _first_head(model, "attributes", 40), "recognition": _first_head(model, "recognition")}
+    heads = {k: v for k, v in heads.items() if v is not None}
+    n_ids = max(5, n_test // 2)                                  # two images per test identity (verification)
+    test512 = SyntheticFaces("test", size=s512, length=2 * n_ids, seed=settings["seed"], n_identities=n_ids)
+    test112 = SyntheticFaces("test", size=s112, length=2 * n_ids, seed=settings["seed"], n_identities=n_ids)
+    n = min(n_test, len(test512))
+    need512 = any(k in heads for k in ("landmarks", "parsing"))
+    need112 = any(k in heads for k in ("age", "expression", "attributes", "recognition"))
+    base = synthetic_baselines(s512, settings, n_baseline)
+    acc = {"lm_pred": [], "lm_gt": [], "conf": np.zeros((19, 19), np.int64), "conf_base": np.zeros((19, 19), np.int64),
+           "age": [], "age_gt": [], "expr": [], "expr_gt": [], "attr": [], "attr_gt": []}
+    emb = torch.zeros(len(test112), cfg.embed_dim) if "recognition" in heads else None
+    tasks = list(heads.values())
+    for start in range(0, len(test112) if emb is not None else n, batch_size):
+        idx = range(start, min(start + batch_size, len(test112) if emb is not None else n))
+        items512 = [test512[i] for i in idx] if need512 and start < n else None
+        items112 = [test112[i] for i in idx]
+        x112 = _to_device_norm(torch.stack([it["image"] for it in items112]), "global", device)
+        x512 = _to_device_norm(torch.stack([it["image"] for it in items512]), "dense", device) if items512 else None
+        run = [t for t in tasks if items512 is not None or t not in (heads.get("landmarks"), heads.get("parsing"))]
+        out = model.predict(images_512=x512, images_112=x112 if need112 else None, tasks=run)
+        if emb is not None:                                                             # flip-summed embeddings
+            flipped = model.predict(images_112=x112.flip(-1), tasks=[heads["recognition"]])
+            emb[start:start + len(idx)] = (out[heads["recognition"]]["embedding"]
+                                           + flipped[heads["recognition"]]["embedding"]).float().cpu()
+        keep = [j for j, i in enumerate(idx) if i < n]
+        if not keep:
+            continue
+        if "landmarks" in heads:
+            coords = out[heads["landmarks"]]["coords"].float().cpu().numpy()[keep]
+            acc["lm_pred"].append(coords * s512 - 0.5)                                  # pixel coordinates
+            acc["lm_gt"].append(np.stack([items512[j]["landmarks"].numpy() for j in keep]))
+        if "parsing" in heads:
+            pred = out[heads["parsing"]]["logits"].argmax(1).cpu().numpy()[keep]
+            gt = np.stack([items512[j]["mask"].numpy() for j in keep])
+            acc["conf"] += parsing_confusion(pred, gt, 19)
+            acc["conf_base"] += parsing_confusion(np.broadcast_to(base["mask"], gt.shape), gt, 19)
+        if "age" in heads:
+            acc["age"].append(out[heads["age"]]["age"].float().cpu().numpy()[keep])
+            acc["age_gt"] += [items112[j]["age"] for j in keep]
+        if "expression" in heads:
+            acc["expr"].append(out[heads["expression"]]["logits"].float().cpu()[keep])
+            acc["expr_gt"] += [items112[j]["expression"] for j in keep]
+        if "attributes" in heads:
+            acc["attr"].append(out[heads["attributes"]]["logits"].float().cpu().numpy()[keep])
+            acc["attr_gt"].append(np.stack([items112[j]["attributes"].numpy() for j in keep]))
+    res = {"n_test": n}
+    if "landmarks" in heads:
+        pred, gt = np.concatenate(acc["lm_pred"]), np.concatenate(acc["lm_gt"])
+        mean_shape = np.broadcast_to(base["landmarks"] * s512 - 0.5, gt.shape)
+        res["nme"], res["nme_baseline"] = nme(pred, gt, "300w"), nme(mean_shape, gt, "300w")
+    if "parsing" in heads:
+        res["parsing_f1"], res["parsing_f1_baseline"] = parsing_f1(acc["conf"])[1], parsing_f1(acc["conf_base"])[1]
+    if "age" in heads:
+        gt = np.asarray(acc["age_gt"])
+        res["age_mae"] = mae(np.concatenate(acc["age"]), gt)
+        res["age_mae_baseline"] = mae(np.full_like(gt, base["age"]), gt)
+    if "expression" in heads:
+        labels = torch.tensor(acc["expr_gt"])
+        res["expression_acc"] = accuracy(torch.cat(acc["expr"]), labels)
+        res["expression_acc_baseline"] = float((labels == base["expression"]).double().mean())
+    if "attributes" in heads:
+        gt = np.concatenate(acc["attr_gt"])
+        res["attribute_macc"] = mean_attribute_accuracy(np.concatenate(acc["attr"]), gt)
+        res["attribute_macc_baseline"] = mean_attribute_accuracy(
+            np.broadcast_to(np.where(base["attributes"] > 0, 1.0, -1.0), gt.shape), gt)
+    if emb is not None:
+        pairs = test112.verification_pairs(n_pairs or max(10, 10 * (len(test112) // 10)), seed=settings["seed"])
+        a = emb[[p[0] for p in pairs]]
+        b = emb[[p[1] for p in pairs]]
+        res["verification_acc"], res["verification_std"] = verification_accuracy(a, b, [p[2] for p in pairs])
+        res["n_pairs"] = len(pairs)
+    return res
+
+
+SYNTHETIC_ROWS = (("landmarks NME (300W inter-ocular) ↓", "nme", "nme_baseline"),
+                  ("parsing F1 (fg mean) ↑", "parsing_f1", "parsing_f1_baseline"),
+                  ("age MAE (years) ↓", "age_mae", "age_mae_baseline"),
+                  ("expression accuracy ↑", "expression_acc", "expression_acc_baseline"),
+                  ("attribute mean accuracy ↑", "attribute_macc", "attribute_macc_baseline"),
+                  ("verification accuracy (unseen ids) ↑", "verification_acc", None))
+
+
+def synthetic_table(res: Mapping) -> str:
+    """Markdown table: metric, model, baseline, ratio (percent for fractions, years for MAE)."""
+    lines = ["| synthetic test | model | baseline | model / baseline |", "|---|---|---|---|"]
+    for name, key, bkey in SYNTHETIC_ROWS:
+        if key not in res:
+            continue
+        fmt = (lambda v: f"{v:.2f}") if key == "age_mae" else (lambda v: format_percent(v))
+        b = res.get(bkey) if bkey else None
+        ratio = f"{res[key] / b:.2f}x" if b else "-"
+        lines.append(f"| {name} | {fmt(res[key])} | {fmt(b) if b is not None else '-'} | {ratio} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Benchmark protocols (DATASETS.md): every test set found under the data root
+# ---------------------------------------------------------------------------------------------------------------
+
+def evaluate_benchmarks(model, root: str, batch_size: int = 64, device="cpu") -> dict:
+    """{protocol: {metric: value}} for every test protocol whose data is found under `root`."""
+    return {}
+
+
+def benchmark_tables(results: Mapping) -> str:
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    import argparse
+    import json
+    import os
+
+    import train
+    p = argparse.ArgumentParser(description="Evaluate a train.py checkpoint: the synthetic test split and every "
+                                "benchmark protocol found under --data-root; prints paper-style tables.")
+    p.add_argument("checkpoint", help="a checkpoint written by train.py")
+    p.add_argument("--data-root", default=None, help="folder with one sub-folder per dataset (as for training)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--synthetic", choices=("auto", "on", "off"), default="auto",
+                   help="evaluate the synthetic test split (auto: when the checkpoint was trained on it)")
+    p.add_argument("--n-test", type=int, default=1000, help="synthetic test faces (also the verification pairs)")
+    p.add_argument("--batch-size", type=int, default=64, help="faces per model.predict call")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--layer-attention", choices=("on", "off"), default="on",
+                   help="stage-2 models: use Layer-Attention (on) or exactly the stage-1 memory (off)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        ckpt = train.load_checkpoint(args.checkpoint)
+        model = train.model_from_checkpoint(ckpt).to(device)
+    except train.CheckpointError as e:
+        raise SystemExit(f"evaluate.py: {e}")
+    if args.layer_attention == "off" and hasattr(model, "set_layer_attention"):
+        for t in model.cfg.tasks:
+            model.set_layer_attention(t, False)
+    results = {"checkpoint": args.checkpoint, "preset": ckpt["preset"], "stage": ckpt["stage"], "step": ckpt["step"]}
+    title = f"{os.path.basename(args.checkpoint)} (preset {ckpt['preset']}, stage {ckpt['stage']}, step {ckpt['step']})"
+    if args.synthetic == "on" or (args.synthetic == "auto" and ckpt["config"].get("data") == "synthetic"):
+        res = evaluate_synthetic(model, ckpt["config"], n_test=args.n_test, batch_size=args.batch_size,
+                                 device=device)
+        results["synthetic"] = res
+        print(f"## Synthetic test split: {title}\n")
+        print(synthetic_table(res))
+        print(f"\n{res['n_test']} test faces" + (f", {res['n_pairs']} verification pairs" if "n_pairs" in res else "")
+              + "; baselines from training faces (mean shape, majority map / class / attribute, mean age)\n")
+    if args.data_root:
+        bench = evaluate_benchmarks(model, args.data_root, batch_size=args.batch_size, device=device)
+        results["benchmarks"] = bench
+        print(f"## Benchmarks under {args.data_root}: {title}\n")
+        print(benchmark_tables(bench) if bench else "(no test protocol found)")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, default=float)
+        print(f"wrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
