@@ -44,12 +44,12 @@ TASK_FIELDS = {"landmarks": ("landmarks",), "parsing": ("mask",), "age": ("age",
 # (mouth_open, corner_lift, mouth_width_x, lip_press, asym, brow_raise, brow_inner, brow_pull, eye_open, teeth)
 EXPRESSION_SHAPES = {
     "neutral": (0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, False),
-    "happiness": (0.13, 0.17, 1.25, 1.0, 0.0, 0.02, 0.0, 0.0, 0.65, True),
-    "sadness": (0.0, -0.16, 0.95, 1.0, 0.0, 0.0, 0.11, 0.03, 0.7, False),
-    "surprise": (0.40, 0.0, 0.6, 1.0, 0.0, 0.13, 0.02, 0.0, 1.65, False),
-    "fear": (0.2, -0.06, 1.3, 1.0, 0.0, 0.08, 0.08, 0.06, 1.5, True),
-    "disgust": (0.06, 0.02, 0.95, 1.0, 0.11, -0.03, -0.05, 0.04, 0.55, True),
-    "anger": (0.0, -0.05, 0.78, 0.45, 0.0, -0.05, -0.13, 0.07, 0.5, False),
+    "happiness": (0.15, 0.22, 1.3, 1.0, 0.0, 0.04, 0.0, 0.0, 0.5, True),
+    "sadness": (0.0, -0.2, 0.9, 1.0, 0.0, 0.0, 0.14, 0.03, 0.65, False),
+    "surprise": (0.45, 0.0, 0.6, 1.0, 0.0, 0.16, 0.02, 0.0, 1.8, False),
+    "fear": (0.22, -0.07, 1.35, 1.0, 0.0, 0.1, 0.1, 0.07, 1.6, True),
+    "disgust": (0.07, 0.03, 0.9, 1.0, 0.15, -0.04, -0.07, 0.05, 0.5, True),
+    "anger": (0.0, -0.07, 0.72, 0.4, 0.0, -0.06, -0.17, 0.08, 0.45, False),
 }
 
 
@@ -102,11 +102,13 @@ def _random_colour(r, lo=0, hi=256):
     return tuple(int(c) for c in r.integers(lo, hi, size=3))
 
 
-def item_params(ident: dict, r: np.random.Generator, size: int, occlusion: float, clutter: bool) -> dict:
-    """Everything one drawing needs: identity + expression, age, pose, lighting, accessories, clutter."""
+def item_params(ident: dict, r: np.random.Generator, size: int, occlusion: float, clutter: bool,
+                expression: int = None) -> dict:
+    """Everything one drawing needs: identity + expression, age, pose, lighting, accessories, clutter.
+    `expression` forces the expression and leaves every other draw unchanged."""
     p = dict(ident)
     u = r.random(32)
-    e = int(u[0] * 7)
+    e = int(u[0] * 7) if expression is None else int(expression)
     age = float(np.clip(ident["base_age"] + 6.0 * (u[1] - 0.5), 0.0, 100.0))
     child = float(np.clip((15.0 - age) / 15.0, 0.0, 1.0))
     old = float(np.clip((age - 35.0) / 50.0, 0.0, 1.0))
