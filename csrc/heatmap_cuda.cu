@@ -6,15 +6,15 @@
 // of the pixels in fp32 (fp64 for fp64 input), the block reduces the three sums in double (warp shuffles, then
 // shared memory), thread 0 writes coords (fp32/fp64) and stats (S flagged negative when clamped, u, v).
 // Backward: one block per channel, grad_m = s(1-s) (a col + b row + k0), written in the input dtype.
-#include <cuda_runtime.h>  // the only include; it brings the fixed-width integer types
+#include <cuda_runtime.h>  // the only include: plain integer types below (long long = int64_t on LP64)
 
 namespace {
 
 constexpr int kThreads = 256;
 
 // dtype codes (faceptor_ops.cpp): 0 fp32, 1 fp64, 2 fp16, 3 bf16. Half types are handled as raw 16-bit values.
-struct F16 { uint16_t bits; };
-struct BF16 { uint16_t bits; };
+struct F16 { unsigned short bits; };
+struct BF16 { unsigned short bits; };
 
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
@@ -26,18 +26,18 @@ __device__ __forceinline__ float to_acc(F16 x) {
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
   return f;
 }
-__device__ __forceinline__ float to_acc(BF16 x) { return __uint_as_float(static_cast<uint32_t>(x.bits) << 16); }
+__device__ __forceinline__ float to_acc(BF16 x) { return __uint_as_float(static_cast<unsigned int>(x.bits) << 16); }
 
 __device__ __forceinline__ void from_acc(float v, float* out) { *out = v; }
 __device__ __forceinline__ void from_acc(double v, double* out) { *out = v; }
 __device__ __forceinline__ void from_acc(float v, F16* out) {
-  uint16_t h;
+  unsigned short h;
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
   out->bits = h;
 }
 __device__ __forceinline__ void from_acc(float v, BF16* out) {  // round to nearest even
-  const uint32_t u = __float_as_uint(v);
-  out->bits = (v != v) ? uint16_t(0x7FC0) : static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  const unsigned int u = __float_as_uint(v);
+  out->bits = (v != v) ? unsigned short(0x7FC0) : static_cast<unsigned short>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + __expf(-x)); }
@@ -69,17 +69,17 @@ __device__ __forceinline__ void block_sum3(double& a, double& b, double& c) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) heatmap_fwd_kernel(const T* __restrict__ x, int64_t K, int64_t H,
-                                                               int64_t W, int64_t sB, int64_t sK, int64_t sH,
-                                                               int64_t sW, typename Acc<T>::type* coords,
+__global__ void __launch_bounds__(kThreads) heatmap_fwd_kernel(const T* __restrict__ x, long long K, long long H,
+                                                               long long W, long long sB, long long sK, long long sH,
+                                                               long long sW, typename Acc<T>::type* coords,
                                                                typename Acc<T>::type* stats) {
   using A = typename Acc<T>::type;
-  const int64_t ch = blockIdx.x;
+  const long long ch = blockIdx.x;
   const T* base = x + (ch / K) * sB + (ch % K) * sK;
   // stage 1: per-thread partial sums over pixels tid, tid + blockDim, ...
   A s_sum = 0, sc_sum = 0, sr_sum = 0;
-  for (int64_t m = threadIdx.x; m < H * W; m += kThreads) {
-    const int64_t r = m / W, c = m - r * W;
+  for (long long m = threadIdx.x; m < H * W; m += kThreads) {
+    const long long r = m / W, c = m - r * W;
     const A s = sigmoid(to_acc(base[r * sH + c * sW]));
     s_sum += s;
     sc_sum += s * static_cast<A>(c);
@@ -105,10 +105,10 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) heatmap_bwd_kernel(const typename Acc<T>::type* __restrict__ grad,
                                                                const T* __restrict__ x,
                                                                const typename Acc<T>::type* __restrict__ stats,
-                                                               int64_t K, int64_t H, int64_t W, int64_t sB,
-                                                               int64_t sK, int64_t sH, int64_t sW, T* gx) {
+                                                               long long K, long long H, long long W, long long sB,
+                                                               long long sK, long long sH, long long sW, T* gx) {
   using A = typename Acc<T>::type;
-  const int64_t ch = blockIdx.x;
+  const long long ch = blockIdx.x;
   const T* base = x + (ch / K) * sB + (ch % K) * sK;
   T* out = gx + ch * H * W;  // contiguous [B, K, H, W]
   const double Sf = stats[3 * ch + 0];
@@ -119,16 +119,16 @@ __global__ void __launch_bounds__(kThreads) heatmap_bwd_kernel(const typename Ac
   const A a = static_cast<A>(grad[2 * ch + 0] / (W * S));  // g_x / (W S)
   const A b = static_cast<A>(grad[2 * ch + 1] / (H * S));  // g_y / (H S)
   const A k0 = static_cast<A>(-(grad[2 * ch + 0] / (W * S)) * u - (grad[2 * ch + 1] / (H * S)) * v);
-  for (int64_t m = threadIdx.x; m < H * W; m += kThreads) {
-    const int64_t r = m / W, c = m - r * W;
+  for (long long m = threadIdx.x; m < H * W; m += kThreads) {
+    const long long r = m / W, c = m - r * W;
     const A s = sigmoid(to_acc(base[r * sH + c * sW]));
     from_acc(s * (1 - s) * (a * static_cast<A>(c) + b * static_cast<A>(r) + k0), out + m);
   }
 }
 
 template <typename T>
-int launch_fwd(const void* x, int64_t B, int64_t K, int64_t H, int64_t W, int64_t sB, int64_t sK, int64_t sH,
-               int64_t sW, void* coords, void* stats, cudaStream_t stream) {
+int launch_fwd(const void* x, long long B, long long K, long long H, long long W, long long sB, long long sK, long long sH,
+               long long sW, void* coords, void* stats, cudaStream_t stream) {
   using A = typename Acc<T>::type;
   heatmap_fwd_kernel<T><<<dim3(static_cast<unsigned>(B * K)), kThreads, 0, stream>>>(
       static_cast<const T*>(x), K, H, W, sB, sK, sH, sW, static_cast<A*>(coords), static_cast<A*>(stats));
@@ -136,8 +136,8 @@ int launch_fwd(const void* x, int64_t B, int64_t K, int64_t H, int64_t W, int64_
 }
 
 template <typename T>
-int launch_bwd(const void* grad, const void* x, const void* stats, int64_t B, int64_t K, int64_t H, int64_t W,
-               int64_t sB, int64_t sK, int64_t sH, int64_t sW, void* gx, cudaStream_t stream) {
+int launch_bwd(const void* grad, const void* x, const void* stats, long long B, long long K, long long H, long long W,
+               long long sB, long long sK, long long sH, long long sW, void* gx, cudaStream_t stream) {
   using A = typename Acc<T>::type;
   heatmap_bwd_kernel<T><<<dim3(static_cast<unsigned>(B * K)), kThreads, 0, stream>>>(
       static_cast<const A*>(grad), static_cast<const T*>(x), static_cast<const A*>(stats), K, H, W, sB, sK, sH,
@@ -147,8 +147,8 @@ int launch_bwd(const void* grad, const void* x, const void* stats, int64_t B, in
 
 }  // namespace
 
-extern "C" int faceptor_heatmap_fwd_cuda(int dtype, const void* x, int64_t B, int64_t K, int64_t H, int64_t W,
-                                         int64_t sB, int64_t sK, int64_t sH, int64_t sW, void* coords,
+extern "C" int faceptor_heatmap_fwd_cuda(int dtype, const void* x, long long B, long long K, long long H, long long W,
+                                         long long sB, long long sK, long long sH, long long sW, void* coords,
                                          void* stats, void* stream) {
   if (B * K > 0x7fffffffLL) return static_cast<int>(cudaErrorInvalidConfiguration);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
@@ -161,9 +161,9 @@ extern "C" int faceptor_heatmap_fwd_cuda(int dtype, const void* x, int64_t B, in
   }
 }
 
-extern "C" int faceptor_heatmap_bwd_cuda(int dtype, const void* grad, const void* x, const void* stats, int64_t B,
-                                         int64_t K, int64_t H, int64_t W, int64_t sB, int64_t sK, int64_t sH,
-                                         int64_t sW, void* gx, void* stream) {
+extern "C" int faceptor_heatmap_bwd_cuda(int dtype, const void* grad, const void* x, const void* stats, long long B,
+                                         long long K, long long H, long long W, long long sB, long long sK, long long sH,
+                                         long long sW, void* gx, void* stream) {
   if (B * K > 0x7fffffffLL) return static_cast<int>(cudaErrorInvalidConfiguration);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
