@@ -37,7 +37,8 @@ __device__ __forceinline__ void from_acc(float v, F16* out) {
 }
 __device__ __forceinline__ void from_acc(float v, BF16* out) {  // round to nearest even
   const unsigned int u = __float_as_uint(v);
-  out->bits = (v != v) ? unsigned short(0x7FC0) : static_cast<unsigned short>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  out->bits = (v != v) ? static_cast<unsigned short>(0x7FC0)
+                       : static_cast<unsigned short>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + __expf(-x)); }
