@@ -99,7 +99,7 @@ def _skin(t: float, age: float, pale: bool):
 
 
 def _random_colour(r, lo=0, hi=256):
-    return tuple(int(c) for c in r.integers(lo, hi, size=3))
+    return tuple((lo + (hi - lo) * r.random(3)).astype(np.int64).tolist())
 
 
 def item_params(ident: dict, r: np.random.Generator, size: int, occlusion: float, clutter: bool,

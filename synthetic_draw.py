@@ -190,18 +190,53 @@ def extra_shapes(p: dict, g: dict) -> dict:
     return sh
 
 
-def to_pixels(arr: np.ndarray, p: dict, depth: float = 1.0) -> np.ndarray:
-    """Face frame -> pixels: yaw-like shift (features move more than the outline), then the similarity."""
-    x = arr[..., 0]
-    shift = p["yaw"] * depth * np.sqrt(np.clip(1.0 - (x / 1.15) ** 2, 0.0, 1.0))
-    c, s = p["cos"], p["sin"]
-    u = x + shift
-    v = arr[..., 1]
-    return np.stack([p["cx"] + p["scale"] * (c * u - s * v), p["cy"] + p["scale"] * (s * u + c * v)], -1)
+def to_pixels(arr: np.ndarray, p: dict, depth=1.0) -> np.ndarray:
+    """Face frame -> pixels: yaw-like shift (features move more than the outline; `depth` scalar or per point),
+    then the similarity (rotation, scale, translation)."""
+    x, y = arr[..., 0], arr[..., 1]
+    t = 1.0 - x * x * (1.0 / 1.3225)                                     # 1 - (x / 1.15)^2
+    np.maximum(t, 0.0, out=t)
+    u = x + (p["yaw"] * depth) * np.sqrt(t)
+    a, b = p["scale"] * p["cos"], p["scale"] * p["sin"]
+    out = np.empty(arr.shape)
+    out[..., 0] = p["cx"] + a * u - b * y
+    out[..., 1] = p["cy"] + b * u + a * y
+    return out
 
 
-def _flat(a: np.ndarray) -> list:
-    return a.ravel().tolist()
+class DisplayList:
+    """Drawing operations collected first, so all face-frame points go through `to_pixels` in one call.
+
+    kind: 'fill' (image polygon), 'both' (image + mask polygon), 'line' (image), 'both_line' (image + mask).
+    """
+
+    def __init__(self):
+        self.ops, self.arrays, self.depths = [], [], []
+
+    def add(self, kind, arr, depth=1.0, col=None, cls=None, width=1, closed=False, pixels=False):
+        self.ops.append((kind, len(arr), col, cls, width, closed, pixels))
+        self.arrays.append(arr)
+        self.depths.append(np.full(len(arr), np.nan if pixels else depth))
+
+    def draw(self, p, di, dm):
+        pts = np.concatenate(self.arrays)
+        depth = np.concatenate(self.depths)
+        px = np.where(np.isnan(depth)[:, None], pts, to_pixels(pts, p, np.nan_to_num(depth)))
+        flat = px.ravel().tolist()
+        at = 0
+        for kind, n, col, cls, width, closed, _ in self.ops:
+            xy = flat[at:at + 2 * n]
+            at += 2 * n
+            if closed:
+                xy = xy + xy[:2]
+            if kind in ("fill", "both"):
+                di.polygon(xy, fill=col)
+                if kind == "both":
+                    dm.polygon(xy, fill=cls)
+            else:
+                di.line(xy, fill=col, width=width)
+                if kind == "both_line":
+                    dm.line(xy, fill=cls, width=width)
 
 
 def render(p: dict, size: int, rng: np.random.Generator):
@@ -209,107 +244,93 @@ def render(p: dict, size: int, rng: np.random.Generator):
     img = Image.new("RGB", (size, size), p["bg"])
     msk = Image.new("L", (size, size), BG)
     di, dm = ImageDraw.Draw(img), ImageDraw.Draw(msk)
-    for kind, col, pts in p["clutter"]:                                       # background clutter (class 0)
-        if kind == 0:
-            di.polygon(_flat(pts * size), fill=col)
-        else:
-            di.line(_flat(pts * size), fill=col, width=max(1, size // 40))
     g = face_geometry(p)
     sh = extra_shapes(p, g)
-    P = lambda a, d=1.0: _flat(to_pixels(a, p, d))                          # noqa: E731
+    dl = DisplayList()
+    add = dl.add
     lw = max(1, int(round(p["scale"] * 0.035)))
-
-    def both(pts, col, cls):
-        di.polygon(pts, fill=col)
-        dm.polygon(pts, fill=cls)
-
-    both(P(sh["cloth"], 0.0), p["cloth_col"], CLOTH)
+    for kind, col, pts in p["clutter"]:                                       # background clutter (class 0)
+        add("fill" if kind == 0 else "line", pts * size, col=col, width=max(1, size // 40), pixels=True)
+    add("both", sh["cloth"], 0.0, p["cloth_col"], CLOTH)
     if "tie" in sh:
-        both(P(sh["tie"], 0.0), p["tie_col"], CLOTH)
-    both(P(sh["neck"], 0.3), p["neck_col"], NECK)
+        add("both", sh["tie"], 0.0, p["tie_col"], CLOTH)
+    add("both", sh["neck"], 0.3, p["neck_col"], NECK)
     if "necklace" in sh:
-        pts = P(sh["necklace"], 0.3)
-        di.line(pts, fill=p["necklace_col"], width=lw + 1)
-        dm.line(pts, fill=NECKL, width=lw + 1)
+        add("both_line", sh["necklace"], 0.3, p["necklace_col"], NECKL, lw + 1)
     if "hair_back" in sh:
-        both(P(sh["hair_back"], 0.2), p["hair_col"], HAIR)
+        add("both", sh["hair_back"], 0.2, p["hair_col"], HAIR)
     for name, cls in (("ear_l", EAR_L), ("ear_r", EAR_R)):
-        both(P(g[name], 0.0), p["ear_col"], cls)
+        add("both", g[name], 0.0, p["ear_col"], cls)
         if p["earrings"]:
             e = g[name]
-            ring = ellipse(e[:, 0].mean(), e[:, 1].max() + 0.06, 0.05, 0.05)
-            both(P(ring, 0.0), p["earring_col"], EARR)
-    face = np.concatenate([g["jaw"], g["forehead"]])
-    both(P(face), p["skin"], FACE)
+            add("both", ellipse(e[:, 0].mean(), e[:, 1].max() + 0.06, 0.05, 0.05), 0.0, p["earring_col"], EARR)
+    add("both", np.concatenate([g["jaw"], g["forehead"]]), 1.0, p["skin"], FACE)
     skin = np.array(p["skin"], dtype=np.float64)
     dark = tuple(int(c) for c in skin * 0.72)
     if p["rosy"] or p["blush"]:
         for k in ("cheek_l", "cheek_r"):
-            di.polygon(P(sh[k]), fill=p["rosy_col"])
+            add("fill", sh[k], col=p["rosy_col"])
     if p["high_cheek"]:
+        light = tuple(int(min(255, c * 1.15 + 12)) for c in skin)
         for k in ("cheek_l", "cheek_r"):
-            di.polygon(P(sh[k] * (1.0, 0.5) + (0, -0.06)), fill=tuple(int(min(255, c * 1.15 + 12)) for c in skin))
+            add("fill", sh[k] * (1.0, 0.5) + (0, -0.06), col=light)
     if "stubble" in sh:
-        di.polygon(P(sh["stubble"]), fill=tuple(int(c) for c in skin * 0.62 + 18))
+        add("fill", sh["stubble"], col=tuple(int(c) for c in skin * 0.62 + 18))
     if "double_chin" in sh:
-        di.line(P(sh["double_chin"]), fill=dark, width=lw)
+        add("line", sh["double_chin"], col=dark, width=lw)
     for line in sh["lines"]:
-        di.line(P(line), fill=p["wrinkle_col"], width=lw)
+        add("line", line, col=p["wrinkle_col"], width=lw)
     if p["eyeshadow"]:
+        lift = np.array([[0.0], [1.0], [1.0], [0.0]]) * (0.0, -1.4 * p["eye_h"])
         for e in (g["eye_l"], g["eye_r"]):
-            di.polygon(P(e[[0, 1, 2, 3]] * (1.15, 1.0) + (0, -1.4 * p["eye_h"]) * np.array([[0], [1], [1], [0]])),
-                       fill=p["shadow_col"])
+            add("fill", e[[0, 1, 2, 3]] * (1.15, 1.0) + lift, col=p["shadow_col"])
     for name, cls in (("brow_l", BROW_L), ("brow_r", BROW_R)):
-        both(P(_thick(g[name], p["brow_t"])), p["brow_col"], cls)
+        add("both", _thick(g[name], p["brow_t"]), 1.0, p["brow_col"], cls)
+    r = min(p["eye_w"] * 0.45, p["eye_h"] * 0.95)
     for name, cls in (("eye_l", EYE_L), ("eye_r", EYE_R)):
         e = g[name]
-        both(P(e), (245, 245, 240), cls)
         c = e.mean(0)
-        r = min(p["eye_w"] * 0.45, p["eye_h"] * 0.95)
-        di.polygon(P(ellipse(c[0], c[1], r, min(r, p["eye_h"] * 0.9))), fill=p["iris_col"])
-        di.polygon(P(ellipse(c[0], c[1], r * 0.45, r * 0.45)), fill=(15, 15, 15))
-        di.line(P(e[[0, 1, 2, 3]]), fill=(40, 30, 30), width=lw)
-    nose = np.concatenate([g["bridge"][:1] + (-0.05, 0.08), g["nostrils"], g["bridge"][:1] + (0.05, 0.08)])
-    both(P(nose, 1.5), p["nose_col"], NOSE)
-    n = g["nostrils"]
+        add("both", e, 1.0, (245, 245, 240), cls)
+        add("fill", ellipse(c[0], c[1], r, min(r, p["eye_h"] * 0.9)), col=p["iris_col"])
+        add("fill", ellipse(c[0], c[1], r * 0.45, r * 0.45), col=(15, 15, 15))
+        add("line", e[[0, 1, 2, 3]], col=(40, 30, 30), width=lw)
+    b, n = g["bridge"], g["nostrils"]
+    add("both", np.concatenate([b[:1] + (-0.05, 0.08), n, b[:1] + (0.05, 0.08)]), 1.5, p["nose_col"], NOSE)
     for k in (1, 3):
-        di.polygon(P(ellipse(n[k, 0], n[k, 1] - 0.005, 0.03, 0.016), 1.5), fill=dark)
-    di.line(P(np.stack([g["bridge"][1:, 0] + 0.04, g["bridge"][1:, 1]], 1), 1.5), fill=dark, width=lw)
+        add("fill", ellipse(n[k, 0], n[k, 1] - 0.005, 0.03, 0.016), 1.5, dark)
+    add("line", b[1:] + (0.04, 0.0), 1.5, dark, width=lw)
     m = g["mouth"]
-    both(P(m[[0, 1, 2, 3, 4, 5, 6, 16, 15, 14, 13, 12]]), p["lip_col"], ULIP)
-    both(P(m[[6, 7, 8, 9, 10, 11, 0, 12, 19, 18, 17, 16]]), p["lip_col"], LLIP)
-    inner = P(m[12:20])
+    add("both", m[[0, 1, 2, 3, 4, 5, 6, 16, 15, 14, 13, 12]], 1.0, p["lip_col"], ULIP)
+    add("both", m[[6, 7, 8, 9, 10, 11, 0, 12, 19, 18, 17, 16]], 1.0, p["lip_col"], LLIP)
     if p["mouth_open"] > 0.015:
-        both(inner, (60, 15, 20), IMOUTH)
+        add("both", m[12:20], 1.0, (60, 15, 20), IMOUTH)
         if p["teeth"]:
             tt = m[[12, 13, 14, 15, 16]]
-            di.polygon(P(np.concatenate([tt, (tt + (0, 0.45 * p["mouth_open"]))[::-1]])), fill=(240, 240, 230))
+            add("fill", np.concatenate([tt, (tt + (0, 0.45 * p["mouth_open"]))[::-1]]), col=(240, 240, 230))
     else:
-        di.line(P(m[[0, 12, 13, 14, 15, 16, 6]]), fill=(90, 30, 35), width=lw)
+        add("line", m[[0, 12, 13, 14, 15, 16, 6]], col=(90, 30, 35), width=lw)
     for k in ("mustache", "goatee"):
         if k in sh:
-            di.polygon(P(sh[k]), fill=p["beard_col"])
+            add("fill", sh[k], col=p["beard_col"])
     if "hair_top" in sh:
-        both(P(sh["hair_top"], 0.4), p["hair_col"], HAIR)
+        add("both", sh["hair_top"], 0.4, p["hair_col"], HAIR)
         for side in ("l", "r"):
             if "sideburn_" + side in sh:
-                both(P(sh["sideburn_" + side], 0.3), p["hair_col"], HAIR)
+                add("both", sh["sideburn_" + side], 0.3, p["hair_col"], HAIR)
     if p["glasses"]:
         for e in (g["eye_l"], g["eye_r"]):
             c = e.mean(0)
             rim = ellipse(c[0], c[1] - 0.01, p["eye_w"] * 1.45, 0.15)
-            pts = P(rim)
             if p["sunglasses"]:
-                both(pts, (25, 25, 30), GLASS)
-            di.line(pts + pts[:2], fill=p["frame_col"], width=lw + 1)
-            dm.line(pts + pts[:2], fill=GLASS, width=lw + 1)
-        bridge = P(np.array([[-p["eye_dx"] + p["eye_w"] * 1.4, -0.03], [p["eye_dx"] - p["eye_w"] * 1.4, -0.03]]))
-        di.line(bridge, fill=p["frame_col"], width=lw + 1)
-        dm.line(bridge, fill=GLASS, width=lw + 1)
+                add("both", rim, 1.0, (25, 25, 30), GLASS)
+            add("both_line", rim, 1.0, p["frame_col"], GLASS, lw + 1, closed=True)
+        x0 = p["eye_dx"] - p["eye_w"] * 1.4
+        add("both_line", np.array([[-x0, -0.03], [x0, -0.03]]), 1.0, p["frame_col"], GLASS, lw + 1)
     if "hat" in sh:
-        both(P(sh["hat"], 0.2), p["hat_col"], HAT)
+        add("both", sh["hat"], 0.2, p["hat_col"], HAT)
     for pts, col in p["occluders"]:                                           # occluders (class 0)
-        both(_flat(pts * size), col, BG)
+        add("both", pts * size, col=col, cls=BG, pixels=True)
+    dl.draw(p, di, dm)
     if p["blur"] > 0:
         img = img.filter(ImageFilter.GaussianBlur(float(p["blur"]) * size / 64.0))
     arr = np.asarray(img, dtype=np.float32)
@@ -319,7 +340,8 @@ def render(p: dict, size: int, rng: np.random.Generator):
     if p["noise"] > 0:
         arr += rng.normal(0.0, p["noise"], size=arr.shape).astype(np.float32)
     image = np.clip(arr, 0, 255).astype(np.uint8)
-    lm = to_pixels(landmarks68(g), p)
     # nose points use the nose's larger yaw depth so they stay on the drawn nose
-    lm[27:36] = to_pixels(np.concatenate([g["bridge"], g["nostrils"]]), p, 1.5)
+    depth = np.ones(68)
+    depth[27:36] = 1.5
+    lm = to_pixels(landmarks68(g), p, depth)
     return image, np.asarray(msk), lm
