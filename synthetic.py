@@ -119,7 +119,7 @@ def item_params(ident: dict, r: np.random.Generator, size: int, occlusion: float
     p.update(expression=e, age=age, fw=ident["fw"] * (1 + 0.05 * child),
              jaw_len=ident["jaw_len"] * (1 - 0.15 * child + 0.05 * old), jaw_pow=0.7 if ident["oval"] else 0.45,
              taper=0.28 if ident["oval"] else 0.08, sag=0.1 * old, forehead=ident["forehead"] * (1 + 0.2 * child),
-             eye_w=ident["eye_w"] * (1 + 0.2 * child), eye_h=eh * (1 + (eopen - 1) * k),
+             eye_w=ident["eye_w"] * (1 + 0.2 * child), eye_h=max(0.035, eh * (1 + (eopen - 1) * k)),
              brow_y=-ident["brow_dy"], brow_arch=0.09 if ident["arched"] else 0.03,
              brow_t=(0.07 if ident["bushy"] else 0.045) * (1 - 0.3 * old) + 0.01 * ident["male"],
              brow_raise=braise * k, brow_inner=binner * k, brow_pull=bpull * k,

@@ -78,8 +78,8 @@ def face_geometry(p: dict) -> dict:
         return my - p["lift"] * s ** 2 + p["asym"] * s
 
     so = np.array([-1.0, *_S6, 1.0])                                       # 48..54 outer upper, left to right
-    upper_in = lambda s: centre(s) - 0.5 * o * (1 - s ** 2)               # noqa: E731
-    lower_in = lambda s: centre(s) + 0.5 * o * (1 - s ** 2)               # noqa: E731
+    upper_in = lambda s: centre(s) - 0.3 * o * (1 - s ** 2)               # noqa: E731  (the jaw drops:
+    lower_in = lambda s: centre(s) + 0.7 * o * (1 - s ** 2)               # noqa: E731   opens mostly down)
     bow = np.where(np.abs(so) < 0.1, 0.8, 1.0)                              # cupid's bow dip at 51
     ou = np.stack([so * mw, upper_in(so) - lt * (1 - 0.5 * so ** 2) * bow], 1)
     sl = _S6[::-1]                                                          # 55..59 outer lower, right to left
@@ -295,7 +295,7 @@ def render(p: dict, size: int, rng: np.random.Generator):
         add("fill", ellipse(c[0], c[1], r * 0.45, r * 0.45), col=(15, 15, 15))
         add("line", e[[0, 1, 2, 3]], col=(40, 30, 30), width=lw)
     b, n = g["bridge"], g["nostrils"]
-    add("both", np.concatenate([b[:1] + (-0.05, 0.08), n, b[:1] + (0.05, 0.08)]), 1.5, p["nose_col"], NOSE)
+    add("both", np.concatenate([b[:1] + (-0.05, 0.0), n, b[:1] + (0.05, 0.0)]), 1.5, p["nose_col"], NOSE)
     for k in (1, 3):
         add("fill", ellipse(n[k, 0], n[k, 1] - 0.005, 0.03, 0.016), 1.5, dark)
     add("line", b[1:] + (0.04, 0.0), 1.5, dark, width=lw)

@@ -46,7 +46,7 @@ def test_landmarks_lie_on_their_drawn_features(clean):
         if a[ATTR["Eyeglasses"]] or a[ATTR["Bangs"]] or a[ATTR["Wearing_Hat"]]:
             continue
         probes = [(lm[36:42].mean(0), CLS["re"]), (lm[42:48].mean(0), CLS["le"]),
-                  ((lm[30] + lm[33]) / 2, CLS["nose"]), (lm[19], CLS["rb"]), (lm[24], CLS["lb"])]
+                  (lm[28], CLS["nose"]), (lm[29], CLS["nose"]), (lm[19], CLS["rb"]), (lm[24], CLS["lb"])]
         for p, cls in probes:
             x, y = p.round().long().tolist()
             total += 1
