@@ -1,6 +1,7 @@
 """Data for Faceptor: every dataset of SPEC §2 in its native format, the paper's augmentations (SPEC §9), the
 multi-task batch composer (SPEC §8) and the built-in synthetic faces. This module is the public entry point;
-the pieces live in one file per concept and are re-exported here:
+the pieces live in one file per concept and are re-exported here (formats: ../shared/DATASETS.md; tasks and
+augmentations: ../shared/SPEC.md §2, §3, §8, §9):
 
   dataset_io.py      errors, image / text / .mat reading, the FaceDataset base class
   loaders_dense.py   300W, WFLW, COFW, AFLW-19, CelebAMask-HQ, LaPa          (DATASETS.md §1-7)

@@ -1,4 +1,4 @@
-"""Reading primitives shared by the dataset loaders (DATASETS.md): errors, images, text lines, `.mat` files,
+"""Reading primitives shared by the dataset loaders (../shared/DATASETS.md): errors, images, text lines, `.mat` files,
 and the common dataset base class.
 
 - Errors name the file, the line or field, and what was expected (STYLE.md item 6). A missing root or file lists

@@ -1,6 +1,6 @@
 """MXNet RecordIO (`.rec` + `.idx`) and insightface verification `.bin` files without mxnet.
 
-Implements DATASETS.md §17 (byte format of dmlc-core RecordIO, IRHeader packing of mxnet, insightface's header
+Implements ../shared/DATASETS.md §17 (byte format of dmlc-core RecordIO, IRHeader packing of mxnet, insightface's header
 and identity records) and §18 (the `.bin` pickle). Divergences: none in format. The reader opens its file lazily
 and once per process (the handle is dropped when the object is pickled into a DataLoader worker), so random
 access works from several workers. `.bin` files are read through a restricted unpickler that allows no global

@@ -328,3 +328,35 @@ def test_missing_h5py_message(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(data.DatasetError, match="needs the optional package h5py"):
         data.build_dataset("cofw", str(tmp_path), "train")
+
+
+# ------------------------------------------------------------------------------------------------ converted layouts
+def test_wflw_hrnet_csv_has_no_offset(tmp_path):
+    rng = np.random.default_rng(0)
+    lm = fx._points(rng, 98)
+    fx.save_image(os.path.join(tmp_path, "data", "a", "x.jpg"), fx._img(rng))
+    header = "image_name,scale,center_w,center_h," + ",".join(f"p{i}" for i in range(196))
+    fx._write(os.path.join(tmp_path, "face_landmarks_wflw_test_blur.csv"),
+              header + "\na/x.jpg,0.5,10,12," + ",".join(f"{v:.3f}" for v in lm.ravel()) + "\n")
+    item = data.build_dataset("wflw", str(tmp_path), "test_blur")[0]
+    _close(item["landmarks"], lm, 1e-3)
+    _close(item["box"], [-40, -38, 60, 62], 1e-6)
+
+
+def test_faceptor_label_files(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("train_1.jpg", "test_1.jpg", "train_2.jpg"):
+        fx.save_image(os.path.join(tmp_path, "raf", "data", name), fx._img(rng))
+    fx._write(os.path.join(tmp_path, "raf", "label.txt"), "train_1.jpg 1\ntest_1.jpg 7\ntrain_2.jpg 4\n")
+    ds = data.build_dataset("rafdb", str(tmp_path / "raf"), "train")
+    assert [ds[i]["expression"] for i in range(2)] == [3, 1]            # surprise, happiness
+    fx.save_image(os.path.join(tmp_path, "aff", "data", "1", "a.jpg"), fx._img(rng))
+    fx._write(os.path.join(tmp_path, "aff", "label", "train.txt"), "1/a.jpg 6\n1/b.jpg 7\n")
+    ds = data.build_dataset("affectnet", str(tmp_path / "aff"), "train")
+    assert len(ds) == 1 and ds[0]["expression"] == 6                    # contempt (7) dropped
+    fx.save_image(os.path.join(tmp_path, "fer", "FER2013Valid", "fer1.png"), fx._img(rng, 48, 48))
+    fx.save_image(os.path.join(tmp_path, "fer", "FER2013Valid", "fer2.png"), fx._img(rng, 48, 48))
+    fx._write(os.path.join(tmp_path, "fer", "FER2013Valid", "label.csv"),
+              "fer1.png,0,0,0,0,0,0,10,0,0,0\nfer2.png,0,0,0,0,0,0,0,10,0,0\n")
+    ds = data.build_dataset("ferplus", str(tmp_path / "fer"), "val")
+    assert len(ds) == 1 and ds[0]["expression"] == 4                    # FER+ fear (6) -> AffectNet 4
