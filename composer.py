@@ -14,6 +14,7 @@ Normalisation per input group (SPEC §3): the group comes from the dataset's `ta
 (landmarks/parsing -> CLIP statistics, others -> mean = std = 0.5) or from an optional 4th entry field.
 """
 import copy
+import numbers
 
 import torch
 from torch.utils.data import DataLoader
@@ -124,7 +125,7 @@ def collate(items: list, group: str, head: str = "?") -> dict:
                 raise ValueError(f"head {head!r}: field {key!r} has different shapes in one batch {sorted(shapes)}; "
                                  "give this dataset a transform that produces a fixed size")
             out[key] = torch.stack(values)
-        elif isinstance(values[0], (bool, int, float)):
+        elif isinstance(values[0], numbers.Number):
             out[key] = torch.tensor(values)
         else:
             out[key] = values

@@ -324,7 +324,8 @@ def random_erasing(img: torch.Tensor, g, p: float = 0.25, area=(0.02, 1 / 3), ra
         if 0 < h < H and 0 < w < W:
             y0, x0 = int(torch.randint(H - h + 1, (), generator=g)), int(torch.randint(W - w + 1, (), generator=g))
             out = img.clone()
-            out[:, y0:y0 + h, x0:x0 + w] = torch.randint(0, 256, (C, h, w), generator=g, dtype=torch.int64).to(img.dtype)
+            fill = torch.randint(0, 256, (C, h, w), generator=g, dtype=torch.int64)
+            out[:, y0:y0 + h, x0:x0 + w] = fill.to(img.dtype)
             return out
     return img
 

@@ -29,7 +29,8 @@ def _close(a, b, tol=1e-4):
 def test_300w_native_splits_and_pts_convention(tmp_path):
     want = fx.write_300w(str(tmp_path))
     expect = {"train": ["afw", "helen/trainset", "lfpw/trainset"], "common": ["helen/testset", "lfpw/testset"],
-              "challenge": ["ibug"], "full": ["helen/testset", "lfpw/testset", "ibug"], "test": ["01_Indoor", "02_Outdoor"]}
+              "challenge": ["ibug"], "full": ["helen/testset", "lfpw/testset", "ibug"],
+              "test": ["01_Indoor", "02_Outdoor"]}
     for split, folders in expect.items():
         ds = data.build_dataset("300w", str(tmp_path), split)
         keys = [k for k in want if k.rsplit("/", 1)[0] in folders]
@@ -97,7 +98,8 @@ def test_cofw_v5_scipy_and_box_rule(tmp_path):
     assert torch.equal(item["image"][0], torch.from_numpy(imgs[1]))
     lm = np.stack([phis[1, :29], phis[1, 29:58]], 1)
     _close(item["landmarks"], lm, 1e-5)
-    x0, y0, x1, y1 = np.floor(lm[:, 0].min()), np.floor(lm[:, 1].min()), np.ceil(lm[:, 0].max()), np.ceil(lm[:, 1].max())
+    x0, y0 = np.floor(lm[:, 0].min()), np.floor(lm[:, 1].min())
+    x1, y1 = np.ceil(lm[:, 0].max()), np.ceil(lm[:, 1].max())
     half = max(x1 - x0, y1 - y0) / 2
     _close(item["box"], [(x0 + x1) / 2 - half, (y0 + y1) / 2 - half, (x0 + x1) / 2 + half, (y0 + y1) / 2 + half])
 
@@ -197,7 +199,8 @@ def test_rafdb_remap_to_affectnet_order(tmp_path):
         assert [e["expression"] for e in (ds[i] for i in range(len(ds)))] == [w[1] for w in want]
         assert all(r["path"].endswith("_aligned.jpg") for r in ds.records)
     # names: Surprise (RAF 1) -> 3, Neutral (RAF 7) -> 0 in data.EXPRESSIONS
-    assert data.EXPRESSIONS[RAFDB_TO_AFFECTNET[1]] == "surprise" and data.EXPRESSIONS[RAFDB_TO_AFFECTNET[7]] == "neutral"
+    assert data.EXPRESSIONS[RAFDB_TO_AFFECTNET[1]] == "surprise"
+    assert data.EXPRESSIONS[RAFDB_TO_AFFECTNET[7]] == "neutral"
 
 
 def test_ferplus_majority_and_remap(tmp_path):
