@@ -351,8 +351,10 @@ def _any(flag: bool, device) -> bool:
 
 
 def parameter_checksum(module: nn.Module) -> str:
+    """sha256 (16 hex digits) over every parameter's name and bytes (buffers such as BN statistics excluded:
+    DDP re-broadcasts them from rank 0 at the next forward)."""
     h = hashlib.sha256()
-    for name, p in sorted(module.state_dict().items()):
+    for name, p in sorted(module.named_parameters()):
         h.update(name.encode())
         h.update(p.detach().cpu().contiguous().numpy().tobytes() if p.dtype != torch.bfloat16
                  else p.detach().float().cpu().numpy().tobytes())
@@ -399,7 +401,7 @@ def parse_args(argv=None):
     p.add_argument("--synthetic-identities", type=int, default=None, help="identities in the synthetic training split")
     p.add_argument("--debug-checksums", action="store_true",
                    help="every rank appends a parameter checksum per step to checksums_rank<r>.jsonl")
-    p.add_argument("--debug-nonfinite-at", default="", help="comma-separated steps whose loss is made NaN (testing)")
+    p.add_argument("--debug-nonfinite-at", default="", help="comma-separated steps (1-based) whose loss is made NaN (testing)")
     p.add_argument("--debug-sleep", type=float, default=0.0, help="seconds to sleep after each step (testing)")
     return p.parse_args(argv)
 
@@ -497,8 +499,10 @@ def main(argv=None):
         tasks = list(base["tasks"]) + ([args.dataset] if args.tune and args.dataset not in base["tasks"] else [])
         mcfg = FaceptorConfig(**{**base, "tasks": tuple(tasks), "stage": stage})
         cfg.model = start_from["kind"]
-        if stage == 2:
-            cfg.heads = {k: v for k, v in cfg.heads.items() if k in mcfg.tasks}
+        if stage == 2:                 # heads with queries; the identity head has nothing to train in stage 2
+            if start_from["kind"] != "faceptor":
+                raise SystemExit("stage 2 (Layer-Attention) exists only for Faceptor, not for Naive Faceptor")
+            cfg.heads = {k: v for k, v in cfg.heads.items() if k in mcfg.tasks and TASKS[k].type != "recognition"}
         log(f"starting from {src} (step {start_from['step']})")
     if resume is not None:
         mcfg = FaceptorConfig(**resume["model_config"])
@@ -657,7 +661,7 @@ def main(argv=None):
             import evaluate
             t = time.time()
             result = evaluate.evaluate_synthetic(model, cfg.to_dict(), n_test=cfg.eval_samples, device=device)
-            model.train()
+            model.train(stage == 1)
             log(f"eval @ {step_done}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()
                                                      if isinstance(v, float)) + f" ({time.time() - t:.1f}s)")
             record({"type": "eval", "stage": stage, "step": step_done, **result})
@@ -672,7 +676,7 @@ def main(argv=None):
     record({"type": "start", "stage": stage, "step": step, "world_size": world, "config": cfg.to_dict()})
 
     # -- the loop -------------------------------------------------------------------------------------------------
-    model.train()
+    model.train(stage == 1)            # stage 2: everything but L_t and the new projections is frozen (no BN drift)
     nonfinite_run, t0, last_t, first_step, images_since = 0, time.time(), time.time(), step, 0
     per_step_images = sum(int(v[0]) for v in cfg.heads.values()) * world
     loss_sums, loss_count = {}, 0
@@ -686,7 +690,7 @@ def main(argv=None):
         with autocast:
             head_losses = runner(batches)
         loss = losses.multitask_loss({h: l.float() for h, l in head_losses.items()}, weights)   # Eq. (8)
-        if step in nan_steps:
+        if step + 1 in nan_steps:
             loss = loss * float("nan")
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -703,6 +707,7 @@ def main(argv=None):
             loss_sums["total"] = loss_sums.get("total", 0.0) + float(loss.detach())
             loss_count += 1
         else:
+            scaler.update()
             nonfinite_run += 1
             nonfinite_total += 1
             log(f"step {step + 1}: non-finite loss or gradient, step skipped ({nonfinite_run} in a row, "
