@@ -20,6 +20,8 @@ Divergences and choices (ours):
   * The demo presets are not in the paper: a tiny model on the built-in synthetic faces (synthetic.py) so the
     whole pipeline runs on a CPU; their sizes, batches and weights are tuned for that setting.
   * bf16 autocast (CUDA) is an option; the authors computed in fp32.
+  * MKL_CBWR=AUTO,STRICT is set by default so CPU runs are bit-reproducible (a resumed run equals an
+    uninterrupted one); export another value to override.
 
 Checkpoints (`out/<preset>/stage{s}_step{N}.pt`, the last K kept) hold only tensors and plain Python values
 (torch.load(weights_only=True) reads them): the model and CosFace state dicts, optimiser, schedule, GradScaler,
@@ -27,13 +29,18 @@ every rank's batch-composer position and RNG states, the training and model conf
 """
 from __future__ import annotations
 
+import os
+
+# Bit-reproducible CPU runs (resume == uninterrupted): MKL's GEMM otherwise picks code paths by memory alignment,
+# which varies between processes. Must be set before MKL initialises, i.e. before torch is imported.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
 import argparse
 import dataclasses
 import glob
 import hashlib
 import json
 import math
-import os
 import random
 import re
 import signal
