@@ -446,13 +446,163 @@ def synthetic_table(res: Mapping) -> str:
 # Benchmark protocols (DATASETS.md): every test set found under the data root
 # ---------------------------------------------------------------------------------------------------------------
 
-def evaluate_benchmarks(model, root: str, batch_size: int = 64, device="cpu") -> dict:
-    """{protocol: {metric: value}} for every test protocol whose data is found under `root`."""
-    return {}
+# (table, dataset folder / head, split, metric kind, extra) in the order the paper's tables list them.
+BENCHMARKS = (
+    ("landmarks", "300w", "common", "nme", {}), ("landmarks", "300w", "challenge", "nme", {}),
+    ("landmarks", "300w", "full", "nme", {}),
+    ("landmarks", "wflw", "test", "nme", {"auc": 0.1}), ("landmarks", "cofw", "test", "nme", {"auc": 0.1}),
+    ("landmarks", "aflw19", "test", "nme", {"unit": "diag"}), ("landmarks", "aflw19", "frontal", "nme", {"unit": "diag"}),
+    ("parsing", "celebamask_hq", "test", "f1", {}), ("parsing", "lapa", "test", "f1", {"inverse": True}),
+    ("age", "morph2", "test", "mae", {}), ("age", "utkface", "test", "mae", {}),
+    ("expression", "rafdb", "test", "acc", {}), ("expression", "ferplus", "test", "acc", {}),
+    ("expression", "affectnet", "test", "acc", {}),
+    ("attributes", "celeba", "test", "macc", {}), ("attributes", "lfw73", "test", "macc", {}),
+)
+VERIFICATION_SETS = ("lfw", "cfp_fp", "agedb_30", "calfw", "cplfw")
+
+
+def _batches(ds, batch_size: int, group: str, num_workers: int = 0):
+    from composer import collate
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         collate_fn=lambda items: collate(items, group))
+    yield from loader
+
+
+@torch.no_grad()
+def evaluate_protocol(model, name: str, root: str, split: str, kind: str, extra: Mapping, batch_size: int = 32,
+                      device="cpu", num_workers: int = 0) -> dict:
+    """One test protocol (DATASETS.md) of head `name` on `root` (the dataset's folder)."""
+    import data
+    from transforms import Warp
+    size = model.cfg.input_size(name)
+    ds = data.build_dataset(name, root, split, transform=data.default_transform(name, train=False, size=size))
+    if len(ds) == 0:
+        return None
+    group = "dense" if kind in ("nme", "f1") else "global"
+    preds, gts, boxes, conf, seen = [], [], [], None, 0
+    raw = data.build_dataset(name, root, split) if extra.get("inverse") else None
+    for b in _batches(ds, batch_size, group, num_workers):
+        x = b["image"].to(device)
+        out = model.predict(images_512=x, tasks=[name]) if group == "dense" else \
+            model.predict(images_112=x, tasks=[name])
+        o, first = out[name], seen
+        seen += x.shape[0]
+        if kind == "nme":                                  # back to original image coordinates
+            coords = o["coords"].float().cpu().numpy() * size - 0.5
+            for j in range(x.shape[0]):
+                w = Warp.from_item(b, j)
+                preds.append(w.inverse_points(coords[j].astype(np.float64)))
+                gts.append(w.inverse_points(b["landmarks"][j].double().numpy()))
+                if "box" in b:
+                    c = w.inverse_points(b["box"][j].double().numpy().reshape(2, 2))
+                    boxes.append(c.reshape(-1))
+        elif kind == "f1":
+            n_cls = o["logits"].shape[1]
+            conf = np.zeros((n_cls, n_cls), np.int64) if conf is None else conf
+            if raw is None:                                # evaluated in the aligned frame (CelebAMask-HQ: 512)
+                conf += parsing_confusion(o["logits"].argmax(1).cpu().numpy(), b["mask"].numpy(), n_cls)
+            else:                                          # LaPa: logits warped back to the original resolution
+                for j in range(x.shape[0]):
+                    w = Warp.from_item(b, j)
+                    H, W = b["orig_size"][j].tolist()
+                    pred = w.inverse_image(o["logits"][j].float().cpu(), (H, W)).argmax(0).numpy()
+                    conf += parsing_confusion(pred, raw[first + j]["mask"].numpy(), n_cls)
+        elif kind == "mae":
+            preds.append(o["age"].float().cpu().numpy()), gts.append(b["age"].numpy())
+        elif kind == "acc":
+            preds.append(o["logits"].float().cpu()), gts.append(b["expression"])
+        else:
+            preds.append(o["logits"].float().cpu().numpy()), gts.append(b["attributes"].numpy())
+    res = {"n": len(ds)}
+    if kind == "nme":
+        p, g = np.stack(preds), np.stack(gts)
+        bx = np.stack(boxes) if boxes and extra.get("unit") == "diag" else None
+        errors = nme_per_sample(p, g, name, bx)
+        res["nme"] = float(errors.mean())
+        if "auc" in extra:
+            res[f"auc@{extra['auc']}"], res[f"fr@{extra['auc']}"] = auc_fr(errors, extra["auc"])
+    elif kind == "f1":
+        per_class, mean = parsing_f1(conf)
+        res["f1_mean"], res["f1_per_class"] = mean, [None if np.isnan(v) else float(v) for v in per_class]
+    elif kind == "mae":
+        res["mae"] = mae(np.concatenate(preds), np.concatenate(gts))
+    elif kind == "acc":
+        res["accuracy"] = accuracy(torch.cat(preds), torch.cat(gts))
+    else:
+        res["mean_accuracy"] = mean_attribute_accuracy(np.concatenate(preds), np.concatenate(gts))
+    return res
+
+
+@torch.no_grad()
+def evaluate_verification(model, path: str, head: str, batch_size: int = 64, device="cpu") -> dict:
+    """10-fold accuracy on one insightface .bin set with flip-summed embeddings (DATASETS.md §18)."""
+    import data
+    images, issame = data.read_verification_bin(path)
+    size = model.cfg.size_112
+    embs = []
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size]
+        x = x if torch.is_tensor(x) else torch.stack([torch.as_tensor(v) for v in x])
+        x = ((x.float() / 255.0) - 0.5) / 0.5
+        if x.shape[-1] != size:
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=True)
+        x = x.to(device)
+        e = model.predict(images_112=x, tasks=[head])[head]["embedding"] + \
+            model.predict(images_112=x.flip(-1), tasks=[head])[head]["embedding"]
+        embs.append(e.float().cpu())
+    e = torch.cat(embs)
+    acc, std = verification_accuracy(e[0::2], e[1::2], issame)
+    return {"accuracy": acc, "std": std, "pairs": len(issame)}
+
+
+def evaluate_benchmarks(model, root: str, batch_size: int = 32, device="cpu", num_workers: int = 0) -> dict:
+    """{protocol: metrics} for every test protocol whose folder is under `root` and whose head the model has."""
+    import os
+    import sys
+
+    import data
+    from model import TASKS
+    results = {}
+    for table, name, split, kind, extra in BENCHMARKS:
+        folder = os.path.join(root, name)
+        if name not in model.cfg.tasks or not os.path.isdir(folder):
+            continue
+        if kind == "nme" and TASKS[name].type != "landmarks":
+            continue
+        try:
+            res = evaluate_protocol(model, name, folder, split, kind, extra, batch_size, device, num_workers)
+        except data.DatasetError as e:                     # this split's files are not there
+            print(f"skipping {name}/{split}: {str(e).splitlines()[0]}", file=sys.stderr)
+            continue
+        if res is not None:
+            results[f"{name}/{split}"] = {"table": table, **res}
+    rec = [t for t in model.cfg.tasks if TASKS[t].type == "recognition"]
+    for vset in VERIFICATION_SETS if rec else ():
+        for folder in (os.path.join(root, rec[0]), os.path.join(root, "verification"), root):
+            path = os.path.join(folder, f"{vset}.bin")
+            if os.path.isfile(path):
+                results[f"verification/{vset}"] = {"table": "verification",
+                                                   **evaluate_verification(model, path, rec[0], batch_size, device)}
+                break
+    return results
+
+
+_TABLE_COLUMNS = {"landmarks": ("protocol", "nme", "auc@0.1", "fr@0.1"), "parsing": ("protocol", "f1_mean"),
+                  "age": ("protocol", "mae"), "expression": ("protocol", "accuracy"),
+                  "attributes": ("protocol", "mean_accuracy"), "verification": ("protocol", "accuracy", "std")}
 
 
 def benchmark_tables(results: Mapping) -> str:
-    return ""
+    """One markdown table per task type, metrics in percent except MAE (years)."""
+    parts = []
+    for table, columns in _TABLE_COLUMNS.items():
+        rows = [{"protocol": k, **v} for k, v in results.items() if v["table"] == table]
+        if not rows:
+            continue
+        if table == "age":
+            rows = [{"protocol": r["protocol"], "mae": f"{r['mae']:.3f}"} for r in rows]
+        parts.append(f"### {table}\n\n" + format_table(rows, columns))
+    return "\n\n".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -105,3 +105,26 @@ def test_synthetic_baselines_are_training_statistics():
     assert base["landmarks"].shape == (68, 2) and (0 < base["landmarks"]).all() and (base["landmarks"] < 1).all()
     assert base["mask"].shape == (32, 32) and base["mask"][0, 0] == 0              # corners are background
     assert 0 <= base["age"] <= 100 and 0 <= base["expression"] < 7 and base["attributes"].shape == (40,)
+
+
+def test_benchmark_protocols_on_fixture_datasets(tmp_path):
+    """Every protocol found under a data root (tiny native-format copies from tests/fixtures.py) runs and reports."""
+    import fixtures
+    from model import Faceptor, FaceptorConfig
+    root = tmp_path / "data"
+    writers = {"300w": fixtures.write_300w, "celebamask_hq": fixtures.write_celebamask, "lapa": fixtures.write_lapa,
+               "morph2": fixtures.write_morph, "rafdb": fixtures.write_rafdb, "celeba": fixtures.write_celeba}
+    for name, write in writers.items():
+        (root / name).mkdir(parents=True)
+        write(str(root / name))
+    (root / "ms1mv3").mkdir()
+    fixtures.write_verification_bin(str(root / "ms1mv3" / "lfw.bin"))
+    torch.manual_seed(0)
+    model = Faceptor(FaceptorConfig.tiny(tasks=tuple(writers) + ("ms1mv3",), size_512=32, size_112=16)).eval()
+    res = evaluate.evaluate_benchmarks(model, str(root), batch_size=4)
+    assert {"300w/common", "300w/full", "celebamask_hq/test", "lapa/test", "morph2/test", "rafdb/test",
+            "celeba/test", "verification/lfw"} <= set(res)
+    assert res["300w/full"]["nme"] > 0 and 0 <= res["lapa/test"]["f1_mean"] <= 1
+    assert res["verification/lfw"]["pairs"] == 20 and 0 <= res["verification/lfw"]["accuracy"] <= 1
+    table = evaluate.benchmark_tables(res)
+    assert "| 300w/common |" in table and "| verification/lfw |" in table
