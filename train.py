@@ -183,16 +183,13 @@ def real_dataset(head: str, root: str, mcfg: FaceptorConfig, split: str = "train
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--data-root: no folder {folder!r} for task head {head!r} "
                                 f"(expected one folder per dataset, named as the head)")
-    transform = None
-    make = getattr(data, "default_transform", None)
-    if callable(make):
-        transform = make(head, split, mcfg.input_size(head))
+    transform = data.default_transform(head, train=split == "train", size=mcfg.input_size(head))
     return data.build_dataset(head, folder, split, transform=transform)
 
 
 def num_identities(dataset) -> int:
     for name in ("num_classes", "n_identities", "num_identities"):
-        if hasattr(dataset, name):
+        if getattr(dataset, name, None) is not None:
             return int(getattr(dataset, name))
     raise ValueError(f"the recognition dataset {type(dataset).__name__} does not say how many identities it has "
                      "(attribute num_classes / n_identities)")
