@@ -57,7 +57,8 @@ def test_evaluate_cli_writes_synthetic_json(default_run, tmp_path, stage):
     path = train.checkpoints(out, stage)[-1]
     js = str(tmp_path / "eval.json")
     proc = _run([sys.executable, "evaluate.py", path, "--json", js, "--n-test", "60"])
-    res = json.load(open(js))
+    with open(js) as f:
+        res = json.load(f)
     assert res["stage"] == stage
     syn = res["synthetic"]
     for k in SYNTHETIC_KEYS:

@@ -45,6 +45,11 @@ def _ok(proc):
     return proc
 
 
+def _jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
 def _final_state(out_dir, stage=1):
     path = train.checkpoints(out_dir, stage)[-1]
     ckpt = train.load_checkpoint(path)
@@ -125,7 +130,7 @@ def test_ddp_ranks_identical_every_step(reference_run):
     assert len({e["checksum"] for e in rows[0]}) == STEPS            # parameters change at every step
     assert "2 process(es)" in proc.stdout and f"step {STEPS}/{STEPS}" in proc.stdout
     assert "checkpoint:" in proc.stdout
-    log = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    log = _jsonl(os.path.join(out, "metrics.jsonl"))
     train_rows = [e for e in log if e["type"] == "train"]
     assert len(train_rows) == STEPS and set(train_rows[0]["losses"]) >= set(train.PRESETS["demo"].heads)
     assert log[-1]["type"] == "done"
@@ -223,10 +228,10 @@ def test_nonfinite_step_skipped_and_counted(tmp_path):
     proc = _ok(python_train(["--stage", "1", "--max-steps", "3", "--out-dir", out, "--debug-nonfinite-at", "2",
                              "--debug-checksums"] + SMALL))
     assert "non-finite" in proc.stdout
-    log = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    log = _jsonl(os.path.join(out, "metrics.jsonl"))
     bad = [e for e in log if e["type"] == "nonfinite"]
     assert len(bad) == 1 and bad[0]["step"] == 2
-    sums = [json.loads(line)["checksum"] for line in open(os.path.join(out, "checksums_rank0.jsonl"))]
+    sums = [e["checksum"] for e in _jsonl(os.path.join(out, "checksums_rank0.jsonl"))]
     assert sums[0] == sums[1] != sums[2]                                # step 2 left the parameters unchanged
     ckpt, _ = _final_state(out)
     assert ckpt["nonfinite_total"] == 1
