@@ -245,16 +245,23 @@ def attributes_of(p: dict) -> np.ndarray:
     return a
 
 
+# Rendered items of every SyntheticFaces(cache=True) in this process, shared by the per-task views of one split and
+# size (a face drawn for the landmark head is reused by the parsing head): key = (seed, split, size, identities,
+# occlusion, clutter, index). Epochs after the first cost no drawing. Masks are kept as uint8.
+_CACHE = {}
+
+
 class SyntheticFaces(torch.utils.data.Dataset):
     """Procedurally drawn faces with all labels; see the module docstring.
 
     task: None (all labels) or one task type of conventions.TASK_TYPES (image + that type's label only).
     transform: optional callable(item, generator) -> item, used by `get(index, seed)` (the composer's path).
+    cache: keep rendered items in memory (process-wide, shared by views of the same split and size).
     """
 
     def __init__(self, split: str = "train", size: int = 112, length: int = None, seed: int = 0,
                  n_identities: int = 1000, task: str = None, transform=None, occlusion: float = 0.25,
-                 clutter: bool = True):
+                 clutter: bool = True, cache: bool = False):
         if split not in SPLITS:
             raise ValueError(f"SyntheticFaces split must be one of {tuple(SPLITS)}, got {split!r}")
         if task is not None and task not in TASK_TYPES:
@@ -265,6 +272,7 @@ class SyntheticFaces(torch.utils.data.Dataset):
         self.n_identities = int(n_identities)
         self.length = int(length if length is not None else (20 if split == "train" else 2) * self.n_identities)
         self.transform, self.occlusion, self.clutter = transform, float(occlusion), bool(clutter)
+        self.cache = bool(cache)
         self.task_type = task or "attributes"
         self._ids = {}
 
@@ -287,13 +295,20 @@ class SyntheticFaces(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for SyntheticFaces of length {self.length}")
-        p, r = self.params(index)
-        image, mask, lm = render(p, self.size, r)
-        item = {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-                "landmarks": torch.from_numpy(lm.astype(np.float32)),
-                "mask": torch.from_numpy(mask.astype(np.int64)),
-                "age": float(p["age"]), "expression": int(p["expression"]),
-                "attributes": torch.from_numpy(attributes_of(p)), "identity": self.identity_of(index)}
+        key = (self.seed, self.split, self.size, self.n_identities, self.occlusion, self.clutter, index)
+        item = _CACHE.get(key) if self.cache else None
+        if item is None:
+            p, r = self.params(index)
+            image, mask, lm = render(p, self.size, r)
+            item = {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+                    "landmarks": torch.from_numpy(lm.astype(np.float32)),
+                    "mask": torch.from_numpy(mask.astype(np.uint8)),
+                    "age": float(p["age"]), "expression": int(p["expression"]),
+                    "attributes": torch.from_numpy(attributes_of(p)), "identity": self.identity_of(index)}
+            if self.cache:
+                _CACHE[key] = item
+        item = dict(item, image=item["image"].clone(), landmarks=item["landmarks"].clone(),
+                    mask=item["mask"].long(), attributes=item["attributes"].clone())
         if self.task is not None:
             item = {k: item[k] for k in ("image",) + TASK_FIELDS[self.task]}
         return item

@@ -144,3 +144,18 @@ def test_task_views():
         assert set(ds[0]) == {"image", field} and ds.task_type == task
     with pytest.raises(ValueError, match="task"):
         SyntheticFaces(task="pose")
+
+
+def test_cache_gives_the_same_items_and_is_shared_by_views():
+    from synthetic import _CACHE
+    plain = SyntheticFaces("train", size=48, seed=7, n_identities=50)
+    lm = SyntheticFaces("train", size=48, seed=7, n_identities=50, task="landmarks", cache=True)
+    ps = SyntheticFaces("train", size=48, seed=7, n_identities=50, task="parsing", cache=True)
+    before = len(_CACHE)
+    a, b = lm[3], ps[3]
+    assert len(_CACHE) == before + 1                       # the parsing view reused the landmark view's drawing
+    ref = plain[3]
+    assert torch.equal(a["image"], ref["image"]) and torch.equal(a["landmarks"], ref["landmarks"])
+    assert torch.equal(b["mask"], ref["mask"]) and b["mask"].dtype == torch.int64
+    a["image"].zero_()                                     # a caller changing its item leaves the cache intact
+    assert torch.equal(lm[3]["image"], ref["image"])
