@@ -5,11 +5,13 @@
 //   coords = ((u + 0.5) / W, (v + 0.5) / H)
 //   dL/dx_m = s_m (1 - s_m) [ g_x (col_m - u) / (W S) + g_y (row_m - v) / (H S) ]   (clamped: drop -u, -v)
 //
-// One pass per channel, parallel over B*K channels. Rows are summed in the compute type (fp32, or fp64 for
-// fp64 input) and the row sums are accumulated in double. The forward also returns per-channel stats
+// One pass per channel, parallel over B*K channels. Each row adds its sigmoids into per-thread column sums (compute
+// type: fp32, or fp64 for fp64 input) and returns its row sum; the row sums go straight into double S and Sv, and
+// the column sums are folded into double Su every kColumnBlock rows. The forward also returns per-channel stats
 // (S, sign-flagged negative when the clamp is active; u; v) so the backward is one read of x and one write.
-// fp16/bf16/strided rows are converted into a contiguous fp32 row buffer first. The fp32 row loops use AVX2+FMA
-// when the CPU has them (checked once at load), a scalar loop otherwise.
+// fp16/bf16/strided rows are converted into a contiguous fp32 row buffer first. The fp32 row loops use AVX-512 or
+// AVX2+FMA when the CPU has them (checked once at load, function-level target attributes, so the module runs on
+// any x86-64), a scalar loop otherwise.
 #include "heatmap.h"
 
 #include <ATen/Dispatch.h>
@@ -23,6 +25,7 @@
 #endif
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 #if defined(__linux__)
@@ -33,7 +36,7 @@ namespace faceptor {
 namespace {
 
 // exp(x) for float: Cephes-style range reduction + degree-6 polynomial (about 2 ulp). Inputs are clamped to
-// [-87, 88] so 2^n stays in the normal range. Scalar version (tails, non-x86) and an AVX2 version below.
+// [-87, 88] so 2^n stays in the normal range. Scalar version (row tails without AVX-512, CPUs without AVX2).
 inline float exp_f32(float x) {
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
@@ -60,17 +63,16 @@ inline float exp_f32(float x) {
 inline float sigmoid_c(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
 inline double sigmoid_c(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
-// Stage 1 (forward): row sums sum_c s and sum_c s*c of one contiguous row (scalar / fp64 version).
+// Forward row step: adds s_c = sigmoid(x_c) into the column sums cs[c] and returns the row sum (scalar / fp64).
 template <typename A>
-void row_sums_scalar(const A* x, int64_t W, A* out_s, A* out_sc) {
-  A rs = 0, rc = 0;
-  for (int64_t c = 0; c < W; ++c) {
+A row_accum_scalar(const A* x, int64_t W, int64_t c0, A* cs) {
+  A rs = 0;
+  for (int64_t c = c0; c < W; ++c) {
     const A s = sigmoid_c(x[c]);
     rs += s;
-    rc += s * static_cast<A>(c);
+    cs[c] += s;
   }
-  *out_s = rs;
-  *out_sc = rc;
+  return rs;
 }
 
 // Stage 2 (backward): g_c = s (1 - s) (a c + k) for one contiguous row (scalar / fp64 version).
@@ -82,32 +84,82 @@ void row_grad_scalar(const A* x, int64_t W, int64_t c0, A a, A k, A* g) {
   }
 }
 
+// Vector sigmoid, s = 1 / (1 + e), e = exp(-x), x clamped to [-87, 87]:
+//   m = round(-x N log2 e) (N = 8 with AVX2, 16 with AVX-512), n = floor(m / N), j = m - N n
+//   e = 2^n 2^(j/N) exp(-q), q = x + m ln2 / N in [-ln2/(2N), ln2/(2N)] (ln2 split into hi + lo, m ln2_hi exact)
+//   2^(j/N) comes from an N-entry table held in one register (vpermd), 2^n is added to its exponent bits, and
+//   exp(-q) is a degree-3 polynomial (relative error 2.7e-8 for N = 8, 1.6e-9 for N = 16).
+//   1 / (1 + e): hardware reciprocal (12 / 14 bits) + one Newton step r + r (1 - d r).
+// The table entries are stored minus (j << shift) so that adding (m << shift) gives 2^(j/N) with 2^n in its
+// exponent; the low bits of the rounding-shifter sum t are m, and t << shift drops the shifter's bits.
+// Relative error of s about 2e-7 (float rounding of the ~15 steps).
+int32_t exp2_table_bits(int j, int N, int shift) {
+  const float v = static_cast<float>(std::exp2(static_cast<double>(j) / N));
+  int32_t b;
+  std::memcpy(&b, &v, 4);
+  return b - (j << shift);
+}
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FACEPTOR_X86 1
+// GCC 12 reports its own AVX-512 intrinsics (built on _mm512_undefined_*) as using uninitialised values; a false
+// positive, silenced for the vector code only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #define AVX2_FN __attribute__((target("avx2,fma")))
+#define AVX512_FN __attribute__((target("avx512f,avx2,fma")))
 
-AVX2_FN inline __m256 sigmoid8(__m256 x) {
-  // exp(-x), same steps as exp_f32
-  __m256 y = _mm256_sub_ps(_mm256_setzero_ps(), x);
-  y = _mm256_min_ps(_mm256_max_ps(y, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-  const __m256 shifter = _mm256_set1_ps(12582912.0f);
-  const __m256 t = _mm256_fmadd_ps(y, _mm256_set1_ps(1.44269504088896341f), shifter);
-  const __m256i n = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(0x4B400000));
-  const __m256 nf = _mm256_sub_ps(t, shifter);
-  __m256 r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(0.693359375f), y);
-  r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
-  const __m256 den = _mm256_fmadd_ps(p, scale, _mm256_set1_ps(1.0f));        // 1 + exp(-x)
-  // 1 / den: hardware reciprocal (12 bits) + one Newton step (~23 bits), cheaper than vdivps
+// minimax coefficients of exp(-q) = 1 - q + c2 q^2 - c3 q^3 on |q| <= ln2/16 (N = 8) and ln2/32 (N = 16)
+constexpr float kC2x8 = 0.5000647902488708f, kC3x8 = 0.16664297878742218f;
+constexpr float kC2x16 = 0.5000161528587341f, kC3x16 = 0.1666676551103592f;
+constexpr float kShifter = 12582912.0f;  // 1.5 * 2^23
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f, kLog2e = 1.44269504088896341f;
+
+struct Tables {
+  alignas(64) int32_t t8[8];
+  alignas(64) int32_t t16[16];
+  Tables() {
+    for (int j = 0; j < 8; ++j) t8[j] = exp2_table_bits(j, 8, 20);
+    for (int j = 0; j < 16; ++j) t16[j] = exp2_table_bits(j, 16, 19);
+  }
+};
+const Tables kTables;
+
+AVX2_FN inline __m256 sigmoid8(__m256 x, __m256i tab) {
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(87.0f));
+  const __m256 shifter = _mm256_set1_ps(kShifter);
+  const __m256 t = _mm256_fnmadd_ps(xc, _mm256_set1_ps(8 * kLog2e), shifter);  // shifter + m
+  const __m256 mf = _mm256_sub_ps(t, shifter);
+  __m256 q = _mm256_fmadd_ps(mf, _mm256_set1_ps(kLn2Hi / 8), xc);
+  q = _mm256_fmadd_ps(mf, _mm256_set1_ps(kLn2Lo / 8), q);
+  __m256 p = _mm256_fnmadd_ps(_mm256_set1_ps(kC3x8), q, _mm256_set1_ps(kC2x8));
+  p = _mm256_fmsub_ps(p, q, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, q, _mm256_set1_ps(1.0f));                                // exp(-q)
+  const __m256i ti = _mm256_castps_si256(t);
+  const __m256 scale = _mm256_castsi256_ps(
+      _mm256_add_epi32(_mm256_permutevar8x32_epi32(tab, ti), _mm256_slli_epi32(ti, 20)));  // 2^(m/8)
+  const __m256 den = _mm256_fmadd_ps(p, scale, _mm256_set1_ps(1.0f));
   const __m256 r0 = _mm256_rcp_ps(den);
-  return _mm256_mul_ps(r0, _mm256_fnmadd_ps(den, r0, _mm256_set1_ps(2.0f)));
+  return _mm256_fmadd_ps(r0, _mm256_fnmadd_ps(den, r0, _mm256_set1_ps(1.0f)), r0);
+}
+
+AVX512_FN inline __m512 sigmoid16(__m512 x, __m512i tab) {
+  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(87.0f));
+  const __m512 shifter = _mm512_set1_ps(kShifter);
+  const __m512 t = _mm512_fnmadd_ps(xc, _mm512_set1_ps(16 * kLog2e), shifter);  // shifter + m
+  const __m512 mf = _mm512_sub_ps(t, shifter);
+  __m512 q = _mm512_fmadd_ps(mf, _mm512_set1_ps(kLn2Hi / 16), xc);
+  q = _mm512_fmadd_ps(mf, _mm512_set1_ps(kLn2Lo / 16), q);
+  __m512 p = _mm512_fnmadd_ps(_mm512_set1_ps(kC3x16), q, _mm512_set1_ps(kC2x16));
+  p = _mm512_fmsub_ps(p, q, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, q, _mm512_set1_ps(1.0f));                                 // exp(-q)
+  const __m512i ti = _mm512_castps_si512(t);
+  const __m512 scale = _mm512_castsi512_ps(
+      _mm512_add_epi32(_mm512_permutexvar_epi32(ti, tab), _mm512_slli_epi32(ti, 19)));  // 2^(m/16)
+  const __m512 den = _mm512_fmadd_ps(p, scale, _mm512_set1_ps(1.0f));
+  const __m512 r0 = _mm512_rcp14_ps(den);
+  return _mm512_fmadd_ps(r0, _mm512_fnmadd_ps(den, r0, _mm512_set1_ps(1.0f)), r0);
 }
 
 AVX2_FN inline float hsum8(__m256 v) {
@@ -117,32 +169,44 @@ AVX2_FN inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-AVX2_FN void row_sums_avx2(const float* x, int64_t W, float* out_s, float* out_sc) {
-  __m256 rs = _mm256_setzero_ps(), rc = _mm256_setzero_ps();
-  __m256 col = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+AVX2_FN float row_accum_avx2(const float* x, int64_t W, float* cs) {
+  const __m256i tab = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.t8));
+  __m256 rs = _mm256_setzero_ps();
   int64_t c = 0;
   for (; c + 8 <= W; c += 8) {
-    const __m256 s = sigmoid8(_mm256_loadu_ps(x + c));
+    const __m256 s = sigmoid8(_mm256_loadu_ps(x + c), tab);
     rs = _mm256_add_ps(rs, s);
-    rc = _mm256_fmadd_ps(s, col, rc);
-    col = _mm256_add_ps(col, _mm256_set1_ps(8.0f));
+    _mm256_storeu_ps(cs + c, _mm256_add_ps(_mm256_loadu_ps(cs + c), s));
   }
-  float ts = 0, tc = 0;
-  for (; c < W; ++c) {
-    const float s = sigmoid_c(x[c]);
-    ts += s;
-    tc += s * static_cast<float>(c);
+  return hsum8(rs) + row_accum_scalar<float>(x, W, c, cs);
+}
+
+// Row tail: masked loads never touch memory outside the row, and the masked-off lanes are zeroed after the sigmoid.
+AVX512_FN float row_accum_avx512(const float* x, int64_t W, float* cs) {
+  const __m512i tab = _mm512_load_si512(kTables.t16);
+  __m512 rs = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 16 <= W; c += 16) {
+    const __m512 s = sigmoid16(_mm512_loadu_ps(x + c), tab);
+    rs = _mm512_add_ps(rs, s);
+    _mm512_storeu_ps(cs + c, _mm512_add_ps(_mm512_loadu_ps(cs + c), s));
   }
-  *out_s = hsum8(rs) + ts;
-  *out_sc = hsum8(rc) + tc;
+  if (c < W) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (W - c)) - 1);
+    const __m512 s = _mm512_maskz_mov_ps(m, sigmoid16(_mm512_maskz_loadu_ps(m, x + c), tab));
+    rs = _mm512_add_ps(rs, s);
+    _mm512_mask_storeu_ps(cs + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, cs + c), s));
+  }
+  return _mm512_reduce_add_ps(rs);
 }
 
 AVX2_FN void row_grad_avx2(const float* x, int64_t W, float a, float k, float* g) {
+  const __m256i tab = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.t8));
   __m256 col = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256 va = _mm256_set1_ps(a), vk = _mm256_set1_ps(k), one = _mm256_set1_ps(1.0f);
   int64_t c = 0;
   for (; c + 8 <= W; c += 8) {
-    const __m256 s = sigmoid8(_mm256_loadu_ps(x + c));
+    const __m256 s = sigmoid8(_mm256_loadu_ps(x + c), tab);
     const __m256 ds = _mm256_mul_ps(s, _mm256_sub_ps(one, s));  // sigmoid'
     _mm256_storeu_ps(g + c, _mm256_mul_ps(ds, _mm256_fmadd_ps(va, col, vk)));
     col = _mm256_add_ps(col, _mm256_set1_ps(8.0f));
@@ -150,26 +214,59 @@ AVX2_FN void row_grad_avx2(const float* x, int64_t W, float a, float k, float* g
   row_grad_scalar<float>(x, W, c, a, k, g);
 }
 
-const bool kHaveAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+AVX512_FN void row_grad_avx512(const float* x, int64_t W, float a, float k, float* g) {
+  const __m512i tab = _mm512_load_si512(kTables.t16);
+  __m512 col = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 va = _mm512_set1_ps(a), vk = _mm512_set1_ps(k), one = _mm512_set1_ps(1.0f);
+  int64_t c = 0;
+  for (; c < W; c += 16) {
+    const __mmask16 m = W - c >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (W - c)) - 1);
+    const __m512 s = sigmoid16(_mm512_maskz_loadu_ps(m, x + c), tab);
+    const __m512 ds = _mm512_mul_ps(s, _mm512_sub_ps(one, s));  // sigmoid'
+    _mm512_mask_storeu_ps(g + c, m, _mm512_mul_ps(ds, _mm512_fmadd_ps(va, col, vk)));
+    col = _mm512_add_ps(col, _mm512_set1_ps(16.0f));
+  }
+}
+
+// The widest instruction set this CPU (and OS) supports, checked once at load. FACEPTOR_CPU_ISA=avx2 or =scalar
+// caps it (the tests use this to run the narrower paths on wider CPUs).
+enum class Isa { kScalar, kAvx2, kAvx512 };
+Isa detect_isa() {
+  __builtin_cpu_init();
+  Isa isa = Isa::kScalar;
+  if (__builtin_cpu_supports("avx512f")) {
+    isa = Isa::kAvx512;
+  } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    isa = Isa::kAvx2;
+  }
+  const char* cap = std::getenv("FACEPTOR_CPU_ISA");
+  if (cap != nullptr && std::strcmp(cap, "scalar") == 0) return Isa::kScalar;
+  if (cap != nullptr && std::strcmp(cap, "avx2") == 0 && isa == Isa::kAvx512) return Isa::kAvx2;
+  return isa;
+}
+const Isa kIsa = detect_isa();
+#pragma GCC diagnostic pop
 #else
 #define FACEPTOR_X86 0
 #endif
 
 template <typename A>
-void row_sums(const A* x, int64_t W, A* out_s, A* out_sc) {
+A row_accum(const A* x, int64_t W, A* cs) {
 #if FACEPTOR_X86
   if constexpr (std::is_same_v<A, float>) {
-    if (kHaveAvx2) return row_sums_avx2(x, W, out_s, out_sc);
+    if (kIsa == Isa::kAvx512) return row_accum_avx512(x, W, cs);
+    if (kIsa == Isa::kAvx2) return row_accum_avx2(x, W, cs);
   }
 #endif
-  row_sums_scalar<A>(x, W, out_s, out_sc);
+  return row_accum_scalar<A>(x, W, 0, cs);
 }
 
 template <typename A>
 void row_grad(const A* x, int64_t W, A a, A k, A* g) {
 #if FACEPTOR_X86
   if constexpr (std::is_same_v<A, float>) {
-    if (kHaveAvx2) return row_grad_avx2(x, W, a, k, g);
+    if (kIsa == Isa::kAvx512) return row_grad_avx512(x, W, a, k, g);
+    if (kIsa == Isa::kAvx2) return row_grad_avx2(x, W, a, k, g);
   }
 #endif
   row_grad_scalar<A>(x, W, 0, a, k, g);
@@ -189,6 +286,9 @@ inline const A* load_row(const T* base, int64_t sW, int64_t W, A* buf) {
   return buf;
 }
 
+// Column sums are kept in the compute type for this many rows, then folded into the double sum Su.
+constexpr int64_t kColumnBlock = 32;
+
 template <typename T>
 void forward_impl(const at::Tensor& x, at::Tensor& coords, at::Tensor& stats) {
   using A = typename Acc<T>::type;
@@ -198,16 +298,20 @@ void forward_impl(const at::Tensor& x, at::Tensor& coords, at::Tensor& stats) {
   A* cp = coords.mutable_data_ptr<A>();  // [B, K, 2] contiguous
   A* st = stats.mutable_data_ptr<A>();   // [B, K, 3] contiguous
   at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> buf(W);
+    std::vector<A> buf(W), cs(W, A(0));
     for (int64_t i = begin; i < end; ++i) {
       const T* ch = xp + (i / K) * sB + (i % K) * sK;
       double S = 0, Su = 0, Sv = 0;  // one channel's sums, in double
       for (int64_t r = 0; r < H; ++r) {
-        A rs, rc;
-        row_sums<A>(load_row<T, A>(ch + r * sH, sW, W, buf.data()), W, &rs, &rc);
+        const double rs = row_accum<A>(load_row<T, A>(ch + r * sH, sW, W, buf.data()), W, cs.data());
         S += rs;
-        Su += rc;
-        Sv += static_cast<double>(rs) * r;
+        Sv += rs * r;
+        if ((r + 1) % kColumnBlock == 0 || r + 1 == H) {  // column sums of the last block of rows -> Su
+          for (int64_t c = 0; c < W; ++c) {
+            Su += static_cast<double>(cs[c]) * c;
+            cs[c] = 0;
+          }
+        }
       }
       const bool clamped = S < 1e-6;
       const double Sc = clamped ? 1e-6 : S;

@@ -8,6 +8,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -45,8 +46,12 @@ def ext():
         cpp_extension.load("_faceptor_ops", [os.path.join(ROOT, s) for s in sources], build_directory=build_dir,
                            extra_cflags=setup.CXX_FLAGS, extra_ldflags=setup.LINK_FLAGS, is_python_module=False)
         ops.load_extension_library(os.path.join(build_dir, "_faceptor_ops.so"))
+        EXT_LIBRARY.append(os.path.join(build_dir, "_faceptor_ops.so"))
     assert ops.HAVE_EXT and ops._ext_supports(torch.device("cpu"))
     return torch.ops.faceptor
+
+
+EXT_LIBRARY = []   # the library the ext fixture built and loaded, when not the setup.py-built module
 
 
 def ref64_with_grad(x, g):
@@ -146,6 +151,42 @@ def test_heatmap_nan_sentinel_no_out_of_bounds_reads(ext):
         out.backward(torch.randn_like(out))
         assert torch.isfinite(out).all() and torch.isfinite(xv.grad).all()
         assert_close_normwise(out, ops.heatmap_to_coords_ref(x.double()), 1e-5, what=f"nan sentinel {dtype}")
+
+
+# Run in a subprocess with FACEPTOR_CPU_ISA set (read once when the library loads): the CPU kernel has AVX-512,
+# AVX2+FMA and scalar fp32 paths, and the tests above only reach the widest one this CPU has.
+ISA_CHECK = r"""
+import sys, torch, ops
+if not ops.HAVE_EXT:
+    ops.load_extension_library(sys.argv[1])
+from tests.test_ops import assert_close_normwise, ref64_with_grad
+gen = torch.Generator().manual_seed(0)
+for H, W in [(1, 1), (9, 7), (8, 8), (17, 15), (5, 16), (33, 17), (65, 33), (3, 49), (64, 128), (40, 300)]:
+    for shift in (0.0, 4.0, -40.0):
+        for transposed in (False, True):
+            x = torch.randn(2, 3, W, H, generator=gen, dtype=torch.float64).transpose(2, 3) if transposed else \
+                torch.randn(2, 3, H, W, generator=gen, dtype=torch.float64)
+            for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+                xd = (x * 3 + shift).to(dtype)
+                g = torch.randn(2, 3, 2, generator=gen, dtype=torch.float64)
+                exp_out, exp_grad = ref64_with_grad(xd, g)
+                xi = xd.detach().requires_grad_()
+                out = ops.heatmap_to_coords(xi, impl="ext")
+                out.backward(g.float())
+                what = f"{dtype} {(H, W)} shift {shift} transposed {transposed}"
+                assert_close_normwise(out, exp_out, 1e-5, what="coords " + what)
+                assert_close_normwise(xi.grad, exp_grad, tol, what="grad " + what)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_heatmap_narrower_cpu_paths(ext, isa):
+    lib = EXT_LIBRARY[0] if EXT_LIBRARY else ""
+    env = dict(os.environ, FACEPTOR_CPU_ISA=isa, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, "-c", ISA_CHECK, lib], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout[-2000:] + res.stderr[-4000:]
 
 
 def test_heatmap_bad_input_raises(ext):
