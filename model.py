@@ -468,11 +468,33 @@ class NaiveFaceptor(nn.Module):
                 heads[kind] = IdentityOutput(cfg.vit_width, cfg.embed_dim)
         self.heads = nn.ModuleDict(heads)
 
-    def forward(self, images: torch.Tensor, task: str) -> Dict[str, torch.Tensor]:
+    def _check_task(self, task: str):
         if task not in self.cfg.tasks:
             raise ValueError(f"unknown task {task!r}: this model has task heads {list(self.cfg.tasks)}")
+
+    def forward(self, images: torch.Tensor, task: str) -> Dict[str, torch.Tensor]:
+        self._check_task(task)
         _check_images(images, self.cfg.patch_size)
-        feats = self.encoder(images)
+        return self._outputs(task, self.encoder(images), images.shape[-2:])
+
+    def forward_tasks(self, batches: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, torch.Tensor]]:
+        """Training step forward: {task: images} -> {task: outputs}, the encoder once per input size."""
+        by_size: Dict[Tuple[int, int], List[str]] = {}
+        for t, x in batches.items():
+            self._check_task(t)
+            _check_images(x, self.cfg.patch_size, f"images of {t!r}")
+            by_size.setdefault(tuple(x.shape[-2:]), []).append(t)
+        out = {}
+        for size, names in by_size.items():
+            feats = self.encoder(torch.cat([batches[t] for t in names]))
+            start = 0
+            for t in names:
+                n = batches[t].shape[0]
+                out[t] = self._outputs(t, [f[start:start + n] for f in feats], size)
+                start += n
+        return {t: out[t] for t in batches}
+
+    def _outputs(self, task: str, feats, size) -> Dict[str, torch.Tensor]:
         kind = TASKS[task].type
         head = self.heads[kind]
         if kind == "recognition":
@@ -481,7 +503,7 @@ class NaiveFaceptor(nn.Module):
             logits = head(feats, task, self.dense_layers)                               # [B, N, H/4, W/4]
             if kind == "landmarks":
                 return {"heatmap": logits, "coords": ops.heatmap_to_coords(logits)}
-            return {"logits": F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)}
+            return {"logits": F.interpolate(logits, size=size, mode="bilinear", align_corners=False)}
         logits = head(feats, task, self.mlca_layers)
         if kind == "age":
             probs, age = age_readout(logits)

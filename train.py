@@ -198,38 +198,6 @@ def num_identities(dataset) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # The multi-task forward: encoder once per input size, then every head on its slice (SPEC §8).
 
-def decode(model: nn.Module, feats, task: str, size) -> dict:
-    """Outputs of head `task` from encoder maps `feats` (what `model(images, task)` computes after the encoder)."""
-    if isinstance(model, NaiveFaceptor):
-        kind, head = TASKS[task].type, model.heads[TASKS[task].type]
-        if kind == "recognition":
-            return {"embedding": head(feats[-1])}
-        if kind in ("landmarks", "parsing"):
-            logits = head(feats, task, model.dense_layers)                              # [B, N, H/4, W/4]
-            if kind == "landmarks":
-                return {"heatmap": logits, "coords": ops.heatmap_to_coords(logits)}
-            return {"logits": F.interpolate(logits, size=size, mode="bilinear", align_corners=False)}
-        logits = head(feats, task, model.mlca_layers)
-        if kind == "age":
-            from heads import age_readout
-            probs, age = age_readout(logits)
-            return {"probs": probs, "age": age, "logits": logits}
-        return {"logits": logits}
-    if TASKS[task].type == "recognition":
-        return model._outputs(task, None, None, feats, size)
-    mem, pos, f12 = model._memory(feats)                                               # Eq. (3)
-    g = model._group(task, 0)
-    if g.level is None:
-        mem = mem[:, :1]
-    else:
-        g.level = g.level[: mem.shape[1]]
-    q = model.queries[task]
-    B = feats[-1].shape[0]
-    content, qpos = q.content.expand(B, -1, -1), q.pos.expand(B, -1, -1)              # Eq. (2) [B, N_t, C_de]
-    tokens = model.decoder(content, qpos, [mem], [pos], [g], model.attention_impl)    # Eq. (4)
-    return model._outputs(task, tokens, f12, feats, size)
-
-
 class MultiTaskStep(nn.Module):
     """model + CosFace classifier; forward(batches) -> {head: L_t}. One DDP forward per training step."""
 
@@ -238,20 +206,8 @@ class MultiTaskStep(nn.Module):
         self.model, self.cosface = model, cosface
 
     def forward(self, batches: dict) -> dict:
-        groups = {}
-        for head, b in batches.items():
-            groups.setdefault(tuple(b["image"].shape[-2:]), []).append(head)
-        out = {}
-        for size, heads in groups.items():
-            images = torch.cat([batches[h]["image"] for h in heads])                   # [sum n_t, 3, H, W]
-            feats = self.model.encoder(images)                                         # Eq. (1), once per size
-            start = 0
-            for h in heads:
-                n = batches[h]["image"].shape[0]
-                outputs = decode(self.model, [f[start:start + n] for f in feats], h, size)
-                start += n
-                out[h] = losses.task_loss(TASKS[h].type, outputs, batches[h], self.cosface)
-        return out
+        outputs = self.model.forward_tasks({h: b["image"] for h, b in batches.items()})  # encoder once per size
+        return {h: losses.task_loss(TASKS[h].type, outputs[h], batches[h], self.cosface) for h in batches}
 
 
 # ----------------------------------------------------------------------------------------------------------------

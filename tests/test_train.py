@@ -94,18 +94,19 @@ def test_presets_follow_tables_2_and_10():
         {train.TASKS[h].type for h in demo.heads}
 
 
-def test_decode_matches_model_forward():
-    """The training forward (encoder once per size, heads on slices) equals model(images, task)."""
+def test_multitask_forward_matches_model_forward():
+    """The training forward (encoder once per size over all heads' samples) equals model(images, task), for both
+    model classes, and the step returns one loss per head."""
     torch.manual_seed(0)
     for kind in ("faceptor", "naive"):
         mcfg = train.FaceptorConfig.tiny(size_512=32, size_112=16)
         model = train.build_model(kind, mcfg).eval()
-        for task in mcfg.tasks:
-            x = torch.randn(2, 3, mcfg.input_size(task), mcfg.input_size(task))
+        batches = {t: torch.randn(2, 3, mcfg.input_size(t), mcfg.input_size(t)) for t in mcfg.tasks}
+        got = model.forward_tasks(batches)
+        for task, x in batches.items():
             ref = model(x, task)
-            got = train.decode(model, model.encoder(x), task, x.shape[-2:])
             for k in ref:
-                assert torch.allclose(ref[k], got[k], atol=1e-6), f"{kind}/{task}/{k}"
+                assert torch.allclose(ref[k], got[task][k], atol=1e-6), f"{kind}/{task}/{k}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
