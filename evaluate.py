@@ -297,7 +297,8 @@ def _first_head(model, kind: str, queries: int | None = None):
 def _synthetic_settings(train_cfg: Mapping) -> dict:
     return {"seed": int(train_cfg.get("synthetic_seed", 0)),
             "identities": int(train_cfg.get("synthetic_identities", 1000)),
-            "length": int(train_cfg.get("synthetic_train_length", 40000))}
+            "length": int(train_cfg.get("synthetic_train_length", 40000)),
+            "framing_112": str(train_cfg.get("synthetic_framing_112", "loose"))}
 
 
 def synthetic_baselines(size_512: int, settings: Mapping, n: int = 1000) -> dict:
@@ -307,7 +308,7 @@ def synthetic_baselines(size_512: int, settings: Mapping, n: int = 1000) -> dict
     key = (size_512, tuple(sorted(settings.items())), n)
     if key not in _BASELINE_CACHE:
         ds = SyntheticFaces("train", size=size_512, length=settings["length"], seed=settings["seed"],
-                            n_identities=settings["identities"])
+                            n_identities=settings["identities"])      # labels do not depend on the framing
         stride = max(1, len(ds) // n)
         lms, counts, ages, expr, attrs = [], np.zeros((19, size_512, size_512), np.int64), [], [], []
         for i in range(0, stride * n, stride):
@@ -350,7 +351,8 @@ def evaluate_synthetic(model, train_cfg: Mapping, n_test: int = 1000, n_pairs: i
     heads = {k: v for k, v in heads.items() if v is not None}
     n_ids = max(5, n_test // 2)                                  # two images per test identity (verification)
     test512 = SyntheticFaces("test", size=s512, length=2 * n_ids, seed=settings["seed"], n_identities=n_ids)
-    test112 = SyntheticFaces("test", size=s112, length=2 * n_ids, seed=settings["seed"], n_identities=n_ids)
+    test112 = SyntheticFaces("test", size=s112, length=2 * n_ids, seed=settings["seed"], n_identities=n_ids,
+                             framing=settings["framing_112"])
     n = min(n_test, len(test512))
     need512 = any(k in heads for k in ("landmarks", "parsing"))
     need112 = any(k in heads for k in ("age", "expression", "attributes", "recognition"))

@@ -102,8 +102,14 @@ def _random_colour(r, lo=0, hi=256):
     return tuple((lo + (hi - lo) * r.random(3)).astype(np.int64).tolist())
 
 
+# Framing of the face in the picture: "loose" (the dense tasks' FaRL-style crops: the face moves, turns and changes
+# size) or "aligned" (the 112-px datasets ship aligned face crops: a larger, centred face). Per framing: face
+# half-width / size (low, range), centre jitter (x, y) / size, in-plane rotation std (rad).
+FRAMING = {"loose": (0.19, 0.08, 0.14, 0.10, 0.2), "aligned": (0.28, 0.06, 0.05, 0.04, 0.08)}
+
+
 def item_params(ident: dict, r: np.random.Generator, size: int, occlusion: float, clutter: bool,
-                expression: int = None) -> dict:
+                expression: int = None, framing: str = "loose") -> dict:
     """Everything one drawing needs: identity + expression, age, pose, lighting, accessories, clutter.
     `expression` forces the expression and leaves every other draw unchanged."""
     p = dict(ident)
@@ -172,9 +178,10 @@ def item_params(ident: dict, r: np.random.Generator, size: int, occlusion: float
     p["wavy"] = float(ident["wavy"])
     p["blur"] = 0.6 + 0.6 * u[15] if u[16] < 0.07 else 0.0
     # pose: in-plane rotation, yaw-like feature shift, scale, translation (face half-width in pixels)
-    rot = float(np.clip(r.normal(0.0, 0.2), -0.5, 0.5))
-    p.update(cos=math.cos(rot), sin=math.sin(rot), yaw=0.3 * (2 * u[17] - 1), scale=size * (0.19 + 0.08 * u[18]),
-             cx=size * (0.5 + 0.14 * (u[19] - 0.5)), cy=size * (0.47 + 0.1 * (u[20] - 0.5)))
+    s0, ds, jx, jy, rs = FRAMING[framing]
+    rot = float(np.clip(r.normal(0.0, rs), -2.5 * rs, 2.5 * rs))
+    p.update(cos=math.cos(rot), sin=math.sin(rot), yaw=0.3 * (2 * u[17] - 1), scale=size * (s0 + ds * u[18]),
+             cx=size * (0.5 + jx * (u[19] - 0.5)), cy=size * (0.47 + jy * (u[20] - 0.5)))
     # lighting
     a = 2 * math.pi * u[21]
     p.update(contrast=0.7 + 0.5 * u[22], brightness=50.0 * (u[23] - 0.5), light_grad=0.35 * u[24],
@@ -257,11 +264,13 @@ class SyntheticFaces(torch.utils.data.Dataset):
     task: None (all labels) or one task type of conventions.TASK_TYPES (image + that type's label only).
     transform: optional callable(item, generator) -> item, used by `get(index, seed)` (the composer's path).
     cache: keep rendered items in memory (process-wide, shared by views of the same split and size).
+    framing: "loose" (default; pose, position and size vary widely) or "aligned" (a larger, centred face, like the
+        aligned crops of the 112-px datasets); see FRAMING.
     """
 
     def __init__(self, split: str = "train", size: int = 112, length: int = None, seed: int = 0,
                  n_identities: int = 1000, task: str = None, transform=None, occlusion: float = 0.25,
-                 clutter: bool = True, cache: bool = False):
+                 clutter: bool = True, cache: bool = False, framing: str = "loose"):
         if split not in SPLITS:
             raise ValueError(f"SyntheticFaces split must be one of {tuple(SPLITS)}, got {split!r}")
         if task is not None and task not in TASK_TYPES:
@@ -273,6 +282,9 @@ class SyntheticFaces(torch.utils.data.Dataset):
         self.length = int(length if length is not None else (20 if split == "train" else 2) * self.n_identities)
         self.transform, self.occlusion, self.clutter = transform, float(occlusion), bool(clutter)
         self.cache = bool(cache)
+        if framing not in FRAMING:
+            raise ValueError(f"SyntheticFaces framing must be one of {tuple(FRAMING)}, got {framing!r}")
+        self.framing = framing
         self.task_type = task or "attributes"
         self._ids = {}
 
@@ -290,12 +302,13 @@ class SyntheticFaces(torch.utils.data.Dataset):
 
     def params(self, index: int) -> dict:
         r = np.random.default_rng([self.seed, SPLITS[self.split], 0, index])
-        return item_params(self._identity(self.identity_of(index)), r, self.size, self.occlusion, self.clutter), r
+        return item_params(self._identity(self.identity_of(index)), r, self.size, self.occlusion, self.clutter,
+                           framing=self.framing), r
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for SyntheticFaces of length {self.length}")
-        key = (self.seed, self.split, self.size, self.n_identities, self.occlusion, self.clutter, index)
+        key = (self.seed, self.split, self.size, self.n_identities, self.occlusion, self.clutter, self.framing, index)
         item = _CACHE.get(key) if self.cache else None
         if item is None:
             p, r = self.params(index)

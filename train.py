@@ -78,6 +78,9 @@ class TrainConfig:
     synthetic_train_length: int = 40000        # items of the synthetic training split
     synthetic_identities: int = 1000           # training identities (CosFace classes of the recognition head)
     synthetic_seed: int = 0
+    synthetic_framing_112: str = "aligned"    # face framing of the 112-px group's synthetic faces (aligned crops)
+    synthetic_cache: bool = True               # keep drawn synthetic faces in memory (epochs after the first are free)
+    readout_offset: float = 0.0                # dense read-out initialisation: heatmap logits start at this value
     steps: int = 600                           # stage-1 steps
     warmup: int = 40
     stage2_steps: int = 150
@@ -172,9 +175,24 @@ def lr_at(step: int, total: int, warmup: int, peak: float, start: float = 1e-6) 
 def synthetic_dataset(head: str, cfg: TrainConfig, mcfg: FaceptorConfig, split: str = "train", length=None,
                       identities=None):
     from synthetic import SyntheticFaces
+    framing = cfg.synthetic_framing_112 if TASKS[head].size == 112 else "loose"
     return SyntheticFaces(split=split, size=mcfg.input_size(head), length=length or cfg.synthetic_train_length,
                           seed=cfg.synthetic_seed, n_identities=identities or cfg.synthetic_identities,
-                          task=TASKS[head].type)
+                          task=TASKS[head].type, framing=framing, cache=cfg.synthetic_cache)
+
+
+def init_readout(model: nn.Module, offset: float):
+    """Dense read-out initialisation [ours, for from-scratch training]: E_pixel gets a constant unit channel (the
+    last ConvT's bias) and the dense MLP's output a matching bias, so every heatmap logit starts near `offset`.
+    With offset < 0 the sigmoid-weighted soft-argmax is not pulled to the map centre by thousands of background
+    pixels at sigmoid(0) = 0.5 before any peak has formed. Only initial values change, not the architecture."""
+    if not offset or not isinstance(model, Faceptor):
+        return
+    with torch.no_grad():
+        model.pixel_decoder[-1].bias.zero_()
+        model.pixel_decoder[-1].bias[0] = 1.0
+        model.dense_head.layers[-1].bias.zero_()
+        model.dense_head.layers[-1].bias[0] = offset
 
 
 def real_dataset(head: str, root: str, mcfg: FaceptorConfig, split: str = "train"):
@@ -470,6 +488,8 @@ def main(argv=None):
         total = cfg.steps if stage == 1 else cfg.stage2_steps
         warmup = cfg.warmup if stage == 1 else cfg.stage2_warmup
     model = build_model(cfg.model, mcfg)
+    if stage == 1 and start_from is None and resume is None and not args.init:
+        init_readout(model, cfg.readout_offset)                                        # from scratch only
 
     if start_from is not None and resume is None:
         missing, unexpected = model.load_state_dict(start_from["model"], strict=False)

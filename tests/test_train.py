@@ -244,3 +244,16 @@ def test_nonfinite_in_a_row_aborts(tmp_path):
                          "2,3,4", "--max-nonfinite", "3"] + SMALL)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "3 non-finite losses in a row" in proc.stdout
+
+
+def test_init_readout_offsets_every_heatmap_logit():
+    torch.manual_seed(0)
+    model = train.Faceptor(train.FaceptorConfig.tiny()).eval()
+    x = torch.randn(2, 3, 64, 64)
+    before = model(x, "300w")["heatmap"]
+    train.init_readout(model, -6.0)
+    after = model(x, "300w")["heatmap"]
+    shift = (after - before).mean().item()
+    assert abs(shift - (-6.0)) < 1.5, f"mean shift {shift:.2f}, expected about -6"
+    assert after.std().item() < 3.0                                   # an offset, not noise
+    assert abs(torch.sigmoid(after).sum((-1, -2)).mean().item()) < 0.05 * torch.sigmoid(before).sum((-1, -2)).mean().item()
