@@ -83,8 +83,12 @@ class Projection(nn.Module):
     def forward(self, feats: Sequence[torch.Tensor], levels: Optional[int] = None) -> torch.Tensor:
         """feats: the encoder's layer maps [B, C_en, h, w] (1-based layer n at index n-1) -> [B, L, HW, C_de]."""
         n = len(self.convs) if levels is None else levels
-        out = [self.convs[i](feats[self.layers[i] - 1]) for i in range(n)]             # Eq. (3), L x [B, C_de, h, w]
-        return torch.stack([o.flatten(2).transpose(1, 2) for o in out], dim=1)        # [B, L, HW, C_de]
+        out = []
+        for i in range(n):                                                             # 1x1 conv as a token matmul
+            tokens = feats[self.layers[i] - 1].flatten(2).transpose(1, 2)              # [B, HW, C_en]
+            conv = self.convs[i]
+            out.append(F.linear(tokens, conv.weight.flatten(1), conv.bias))            # Eq. (3) [B, HW, C_de]
+        return torch.stack(out, dim=1)                                                 # [B, L, HW, C_de]
 
 
 class TaskQueries(nn.Module):

@@ -208,6 +208,11 @@ class VisionTransformer(nn.Module):
         self.ln_post = nn.LayerNorm(width)                                              # unused, kept for loading
         self.proj = nn.Parameter(scale * torch.randn(width, clip_dim))                  # unused, kept for loading
 
+    @classmethod
+    def from_config(cls, cfg: "FaceptorConfig") -> "VisionTransformer":
+        return cls(cfg.vit_width, cfg.vit_layers, cfg.vit_heads, cfg.patch_size, cfg.pos_grid, cfg.drop_path,
+                   cfg.clip_dim)
+
     def position_table(self, gh: int, gw: int) -> torch.Tensor:
         """The stored pos_grid^2 table resized to the input grid (bicubic, align_corners=False) -> [1+gh*gw, C_en]."""
         pe = self.positional_embedding
@@ -243,6 +248,16 @@ def _check_images(images, patch_size: int, what: str = "images"):
         raise ValueError(f"{what}: expected a normalised float tensor, got dtype {images.dtype}")
 
 
+def _group_by_size(model, batches: Dict[str, torch.Tensor]) -> Dict[Tuple[int, int], List[str]]:
+    """Check {task: images} and group the task names by input size (the encoder runs once per size)."""
+    by_size: Dict[Tuple[int, int], List[str]] = {}
+    for t, x in batches.items():
+        model._check_task(t)
+        _check_images(x, model.cfg.patch_size, f"images of {t!r}")
+        by_size.setdefault(tuple(x.shape[-2:]), []).append(t)
+    return by_size
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Faceptor
 
@@ -252,8 +267,7 @@ class Faceptor(nn.Module):
     def __init__(self, cfg: FaceptorConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = VisionTransformer(cfg.vit_width, cfg.vit_layers, cfg.vit_heads, cfg.patch_size, cfg.pos_grid,
-                                         cfg.drop_path, cfg.clip_dim)
+        self.encoder = VisionTransformer.from_config(cfg)
         proj_layers = (cfg.vit_layers,) + (cfg.la_layers if cfg.stage == 2 else ())
         self.projection = Projection(cfg.vit_width, cfg.dec_dim, proj_layers)
         self.anchor_pos = AnchorPosition(cfg.dec_dim)
@@ -339,11 +353,7 @@ class Faceptor(nn.Module):
     def forward_tasks(self, batches: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, torch.Tensor]]:
         """Training step forward (SPEC §8): {task: images [n_t, 3, H, W]} -> {task: outputs}. The encoder runs once
         per input size on all samples of that size together; each head is then decoded on its own samples."""
-        by_size: Dict[Tuple[int, int], List[str]] = {}
-        for t, x in batches.items():
-            self._check_task(t)
-            _check_images(x, self.cfg.patch_size, f"images of {t!r}")
-            by_size.setdefault(tuple(x.shape[-2:]), []).append(t)
+        by_size = _group_by_size(self, batches)
         out = {}
         for size, names in by_size.items():
             feats = self.encoder(torch.cat([batches[t] for t in names]))                  # Eq. (1), once per size
@@ -451,8 +461,7 @@ class NaiveFaceptor(nn.Module):
     def __init__(self, cfg: FaceptorConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = VisionTransformer(cfg.vit_width, cfg.vit_layers, cfg.vit_heads, cfg.patch_size, cfg.pos_grid,
-                                         cfg.drop_path, cfg.clip_dim)
+        self.encoder = VisionTransformer.from_config(cfg)
         scale = lambda ns: tuple(max(1, round(n * cfg.vit_layers / 12)) for n in ns)   # noqa: E731
         self.dense_layers, self.mlca_layers = scale(UperNetHead.layers), scale(MLCAHead.layers)
         heads = {}
@@ -479,11 +488,7 @@ class NaiveFaceptor(nn.Module):
 
     def forward_tasks(self, batches: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, torch.Tensor]]:
         """Training step forward: {task: images} -> {task: outputs}, the encoder once per input size."""
-        by_size: Dict[Tuple[int, int], List[str]] = {}
-        for t, x in batches.items():
-            self._check_task(t)
-            _check_images(x, self.cfg.patch_size, f"images of {t!r}")
-            by_size.setdefault(tuple(x.shape[-2:]), []).append(t)
+        by_size = _group_by_size(self, batches)
         out = {}
         for size, names in by_size.items():
             feats = self.encoder(torch.cat([batches[t] for t in names]))

@@ -123,14 +123,23 @@ FULL_HEADS = {"300w": [4, 250.0], "wflw": [4, 250.0], "cofw": [4, 250.0], "aflw1
               "ms1mv3": [256, 5.0]}                                                                  # Table 2, Full
 PAPER = dict(arch="base", data="real", steps=50000, warmup=2000, stage2_steps=20000, stage2_warmup=2000, lr=5e-5,
              log_every=50, eval_every=5000, ckpt_every=1000, keep_last=3, num_workers=4, dtype="bf16")
-DEMO_HEADS = {"300w": [16, 4.0], "celebamask_hq": [16, 2.0], "morph2": [32, 1.0], "affectnet": [32, 1.0],
-              "celeba": [32, 1.0], "ms1mv3": [64, 1.0]}
+# Demo presets [ours]: a from-scratch tiny Faceptor on SyntheticFaces, sized for 2 CPU processes. The loss weights
+# balance the heads' gradient norms on the shared encoder at initialisation (landmark and parsing losses are small,
+# attribute and CosFace losses large); with the paper's weights the 112-px heads starve. lr_mult = 1: the encoder
+# is trained from scratch too, so it gets the same learning rate as the rest.
+DEMO_ARCH = dict(vit_width=96, vit_layers=6, vit_heads=4, patch_size=8, pos_grid=8, dec_dim=64, dec_heads=4,
+                 dec_layers=2, dec_ffn=128, embed_dim=64, clip_dim=64, la_layers=(1, 2, 3, 4, 5), size_512=64,
+                 size_112=48)
+DEMO_HEADS = {"300w": [16, 100.0], "celebamask_hq": [16, 10.0], "morph2": [16, 0.5], "affectnet": [16, 5.0],
+              "celeba": [16, 0.5], "ms1mv3": [16, 0.3]}
+DEMO = dict(arch_overrides=DEMO_ARCH, heads=DEMO_HEADS, lr=1e-3, lr_mult=1.0, readout_offset=-6.0,
+            synthetic_train_length=12000, log_every=50, eval_samples=300)
 
 PRESETS = {
-    "demo": TrainConfig(preset="demo", arch_overrides=dict(size_512=64, size_112=32), heads=DEMO_HEADS),
-    "demo-long": TrainConfig(preset="demo-long", arch_overrides=dict(size_512=64, size_112=32), heads=DEMO_HEADS,
-                             steps=3600, warmup=200, stage2_steps=600, stage2_warmup=50, eval_every=1200,
-                             ckpt_every=600),
+    "demo": TrainConfig(preset="demo", steps=700, warmup=35, stage2_steps=150, stage2_warmup=15, ckpt_every=100,
+                        **DEMO),
+    "demo-long": TrainConfig(preset="demo-long", steps=4200, warmup=200, stage2_steps=600, stage2_warmup=50,
+                             eval_every=1400, ckpt_every=300, **{**DEMO, "synthetic_train_length": 40000}),
     "faceptor-base": TrainConfig(preset="faceptor-base", heads=BASE_HEADS, **PAPER),
     "faceptor-full": TrainConfig(preset="faceptor-full", heads=FULL_HEADS, **{**PAPER, "arch": "full"}),
     # Naive Faceptor: Base datasets and batch sizes, every weight 1.0 (Sec. 4.1).
