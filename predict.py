@@ -90,7 +90,7 @@ def predict_image(model, image: Image.Image, box=None, margin: float = 1.0, devi
         elif kind == "attributes":
             p = torch.sigmoid(o["logits"][0].float()).cpu().numpy()
             names = ATTRIBUTE_NAMES.get(t, [f"attribute_{i}" for i in range(len(p))])
-            res.setdefault("attributes", {})[t] = {names[i]: round(float(v), 4) for i in np.argsort(-p) if p[i] > 0.5}
+            res.setdefault("attributes", {})[t] = {names[i]: round(float(p[i]), 4) for i in np.argsort(-p) if p[i] > 0.5}
         elif kind == "recognition":
             raw.setdefault("embedding", {})[t] = o["embedding"][0].float().cpu().numpy()
     return res, raw

@@ -130,13 +130,13 @@ PAPER = dict(arch="base", data="real", steps=50000, warmup=2000, stage2_steps=20
 DEMO_ARCH = dict(vit_width=96, vit_layers=6, vit_heads=4, patch_size=8, pos_grid=8, dec_dim=64, dec_heads=4,
                  dec_layers=2, dec_ffn=128, embed_dim=64, clip_dim=64, la_layers=(1, 2, 3, 4, 5), size_512=64,
                  size_112=48)
-DEMO_HEADS = {"300w": [16, 100.0], "celebamask_hq": [16, 10.0], "morph2": [16, 0.5], "affectnet": [16, 5.0],
-              "celeba": [16, 0.5], "ms1mv3": [16, 0.3]}
+DEMO_HEADS = {"300w": [16, 100.0], "celebamask_hq": [16, 15.0], "morph2": [16, 0.5], "affectnet": [16, 5.0],
+              "celeba": [16, 0.5], "ms1mv3": [16, 2.0]}
 DEMO = dict(arch_overrides=DEMO_ARCH, heads=DEMO_HEADS, lr=1e-3, lr_mult=1.0, readout_offset=-6.0,
             synthetic_train_length=12000, log_every=50, eval_samples=300)
 
 PRESETS = {
-    "demo": TrainConfig(preset="demo", steps=700, warmup=35, stage2_steps=150, stage2_warmup=15, ckpt_every=100,
+    "demo": TrainConfig(preset="demo", steps=700, warmup=35, stage2_steps=500, stage2_warmup=25, ckpt_every=100,
                         **DEMO),
     "demo-long": TrainConfig(preset="demo-long", steps=4200, warmup=200, stage2_steps=600, stage2_warmup=50,
                              eval_every=1400, ckpt_every=300, **{**DEMO, "synthetic_train_length": 40000}),

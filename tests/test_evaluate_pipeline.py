@@ -129,3 +129,19 @@ def test_benchmark_protocols_on_fixture_datasets(tmp_path):
     assert res["verification/lfw"]["pairs"] == 20 and 0 <= res["verification/lfw"]["accuracy"] <= 1
     table = evaluate.benchmark_tables(res)
     assert "| 300w/common |" in table and "| verification/lfw |" in table
+
+
+def test_predict_image_lists_attributes_above_half():
+    """Attributes with probability above 0.5 are reported by name with their probability."""
+    from PIL import Image
+    import predict
+    from synthetic import SyntheticFaces
+    torch.manual_seed(0)
+    model = train.Faceptor(train.FaceptorConfig.tiny()).eval()
+    with torch.no_grad():
+        model.value_head.fc.weight.zero_()
+        model.value_head.fc.bias.fill_(2.0)                   # every attribute logit = 2 -> p = 0.881
+    face = SyntheticFaces("test", size=64)[0]["image"].permute(1, 2, 0).numpy()
+    res, _ = predict.predict_image(model, Image.fromarray(face))
+    attrs = res["attributes"]["celeba"]
+    assert len(attrs) == 40 and all(abs(v - 0.8808) < 1e-3 for v in attrs.values())
