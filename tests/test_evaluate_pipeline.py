@@ -91,7 +91,7 @@ def test_predict_cli(default_run, tmp_path):
                                                                      "fear", "disgust", "anger"}
     assert all(v > 0.5 for v in res["attributes"]["celeba"].values())
     emb = np.load(res["embedding"]["ms1mv3"]["path"])
-    assert emb.shape == (train.FaceptorConfig.tiny().embed_dim,)
+    assert emb.shape == (train.model_config(train.PRESETS["demo"], 1).embed_dim,)   # the demo model's embedding
     assert os.path.isfile(res["drawing"]) and Image.open(res["drawing"]).size == (96, 96)
 
 
