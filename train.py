@@ -131,7 +131,7 @@ DEMO_ARCH = dict(vit_width=96, vit_layers=6, vit_heads=4, patch_size=8, pos_grid
                  dec_layers=2, dec_ffn=128, embed_dim=64, clip_dim=64, la_layers=(1, 2, 3, 4, 5), size_512=64,
                  size_112=48)
 DEMO_HEADS = {"300w": [16, 100.0], "celebamask_hq": [16, 15.0], "morph2": [16, 0.5], "affectnet": [16, 5.0],
-              "celeba": [16, 0.5], "ms1mv3": [16, 2.0]}
+              "celeba": [16, 0.5], "ms1mv3": [48, 2.0]}
 DEMO = dict(arch_overrides=DEMO_ARCH, heads=DEMO_HEADS, lr=1e-3, lr_mult=1.0, readout_offset=-6.0,
             synthetic_train_length=12000, log_every=50, eval_samples=300)
 
