@@ -298,10 +298,11 @@ class Faceptor(nn.Module):
         if task not in self.cfg.tasks:
             raise ValueError(f"unknown task {task!r}: this model has task heads {list(self.cfg.tasks)}")
 
-    def _group(self, task: str, start: int, memory: int = 0) -> QueryGroup:
+    def _group(self, task: str, start: int, memory: int = 0, levels: Optional[int] = None) -> QueryGroup:
+        """The query block of `task`; its L_t (cut to the memory's `levels`) only when Layer-Attention is on."""
         q = self.queries[task]
         la = self.cfg.stage == 2 and task not in self.layer_attention_off
-        return QueryGroup(start, start + q.content.shape[0], memory, q.level if la else None)
+        return QueryGroup(start, start + q.content.shape[0], memory, q.level[:levels] if la else None)
 
     def _memory(self, feats):
         """-> memory [B, L, HW, C_de] (Eq. (3)), P [HW, C_de], projected F^12 map [B, C_de, h, w]."""
@@ -332,23 +333,7 @@ class Faceptor(nn.Module):
     # -- forward -------------------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, task: str) -> Dict[str, torch.Tensor]:
         """One task head on a batch of normalised images [B, 3, H, W]."""
-        self._check_task(task)
-        _check_images(images, self.cfg.patch_size)
-        feats = self.encoder(images)                                                    # Eq. (1)
-        if TASKS[task].type == "recognition":
-            return self._outputs(task, None, None, feats, images.shape[-2:])
-        mem, pos, f12 = self._memory(feats)
-        g = self._group(task, 0)
-        if g.level is None:
-            mem = mem[:, :1]
-        else:
-            g.level = g.level[: mem.shape[1]]
-        q = self.queries[task]
-        B = images.shape[0]
-        content = q.content.expand(B, -1, -1)                                           # Eq. (2) [B, N_t, C_de]
-        qpos = q.pos.expand(B, -1, -1)
-        tokens = self.decoder(content, qpos, [mem], [pos], [g], self.attention_impl)   # Eq. (4) T_t
-        return self._outputs(task, tokens, f12, feats, images.shape[-2:])
+        return self.forward_tasks({task: images})[task]
 
     def forward_tasks(self, batches: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, torch.Tensor]]:
         """Training step forward (SPEC §8): {task: images [n_t, 3, H, W]} -> {task: outputs}. The encoder runs once
@@ -368,12 +353,8 @@ class Faceptor(nn.Module):
                     continue
                 if mem is None:
                     mem, pos, f12 = self._memory(feats)                                  # Eq. (3), once per size
-                g = self._group(t, 0)
-                m = mem[start - n:start]
-                if g.level is None:
-                    m = m[:, :1]
-                else:
-                    g.level = g.level[: m.shape[1]]
+                g = self._group(t, 0, levels=mem.shape[1])
+                m = mem[start - n:start, :1] if g.level is None else mem[start - n:start]  # layer-12 memory only
                 q = self.queries[t]
                 tokens = self.decoder(q.content.expand(n, -1, -1), q.pos.expand(n, -1, -1), [m], [pos], [g],
                                       self.attention_impl)                               # Eq. (4)
@@ -413,9 +394,7 @@ class Faceptor(nn.Module):
                 mem = mem[:, :1]
             memories.append(mem), pos.append(p)
             for t in qtasks:
-                g = self._group(t, start, m)
-                if g.level is not None:
-                    g.level = g.level[: mem.shape[1]]
+                g = self._group(t, start, m, levels=mem.shape[1])
                 groups.append(g), order.append((t, s, g))
                 contents.append(self.queries[t].content), qposes.append(self.queries[t].pos)
                 start = g.stop
