@@ -159,3 +159,18 @@ def test_cache_gives_the_same_items_and_is_shared_by_views():
     assert torch.equal(b["mask"], ref["mask"]) and b["mask"].dtype == torch.int64
     a["image"].zero_()                                     # a caller changing its item leaves the cache intact
     assert torch.equal(lm[3]["image"], ref["image"])
+
+
+def test_aligned_framing_gives_larger_centred_faces():
+    loose = SyntheticFaces("train", size=64, seed=3, n_identities=40)
+    aligned = SyntheticFaces("train", size=64, seed=3, n_identities=40, framing="aligned")
+    def stats(ds):
+        lm = torch.stack([ds[i]["landmarks"] for i in range(40)])                  # [40, 68, 2]
+        width = (lm[:, 16] - lm[:, 0]).norm(dim=-1)                                 # jaw-end to jaw-end
+        centre = lm.mean(1)
+        return width.mean().item(), centre.std(0).mean().item()                      # size, position spread
+    (wl, cl), (wa, ca) = stats(loose), stats(aligned)
+    assert wa > 1.2 * wl, f"aligned faces should be larger: {wa:.1f} vs {wl:.1f} px"
+    assert ca < cl, f"aligned faces should move less: spread {ca:.2f} vs {cl:.2f} px"
+    with pytest.raises(ValueError, match="framing"):
+        SyntheticFaces("train", size=64, framing="tight")
