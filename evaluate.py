@@ -337,7 +337,8 @@ def evaluate_synthetic(model, train_cfg: Mapping, n_test: int = 1000, n_pairs: i
     train_cfg: the training config dict (checkpoint["config"]) for the synthetic world's seed and identities.
     Keys: nme, nme_baseline, parsing_f1, parsing_f1_baseline, age_mae, age_mae_baseline, expression_acc,
     expression_acc_baseline, attribute_macc, attribute_macc_baseline, verification_acc, verification_std,
-    n_test, n_pairs (only the keys whose heads the model has).
+    n_test, n_pairs (only the keys whose heads the model has); parsing_f1_per_class lists the 19 classes' F1 in
+    CelebAMask-HQ order (None for a class absent from truth and prediction).
     """
     from synthetic import SyntheticFaces
     model.eval()
@@ -400,7 +401,9 @@ def evaluate_synthetic(model, train_cfg: Mapping, n_test: int = 1000, n_pairs: i
         mean_shape = np.broadcast_to(base["landmarks"] * s512 - 0.5, gt.shape)
         res["nme"], res["nme_baseline"] = nme(pred, gt, "300w"), nme(mean_shape, gt, "300w")
     if "parsing" in heads:
-        res["parsing_f1"], res["parsing_f1_baseline"] = parsing_f1(acc["conf"])[1], parsing_f1(acc["conf_base"])[1]
+        per_class, res["parsing_f1"] = parsing_f1(acc["conf"])
+        res["parsing_f1_baseline"] = parsing_f1(acc["conf_base"])[1]
+        res["parsing_f1_per_class"] = [None if np.isnan(v) else float(v) for v in per_class]   # null: class absent
     if "age" in heads:
         gt = np.asarray(acc["age_gt"])
         res["age_mae"] = mae(np.concatenate(acc["age"]), gt)

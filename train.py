@@ -139,8 +139,12 @@ DEMO = dict(arch_overrides=DEMO_ARCH, heads=DEMO_HEADS, lr=1e-3, lr_mult=1.0, re
 PRESETS = {
     "demo": TrainConfig(preset="demo", steps=700, warmup=35, stage2_steps=500, stage2_warmup=25, ckpt_every=100,
                         **DEMO),
-    "demo-long": TrainConfig(preset="demo-long", steps=4200, warmup=200, stage2_steps=600, stage2_warmup=50,
-                             eval_every=1400, ckpt_every=300, **{**DEMO, "synthetic_train_length": 40000}),
+    # demo-long: the same recipe, 96-px dense inputs (the small parts: eyes, brows, lips) and a heavier parsing loss.
+    "demo-long": TrainConfig(preset="demo-long", steps=2600, warmup=130, stage2_steps=300, stage2_warmup=15,
+                             eval_every=650, ckpt_every=200, **{
+                                 **DEMO, "synthetic_train_length": 40000,
+                                 "arch_overrides": {**DEMO_ARCH, "size_512": 96},
+                                 "heads": {**DEMO_HEADS, "celebamask_hq": [16, 30.0]}}),
     "faceptor-base": TrainConfig(preset="faceptor-base", heads=BASE_HEADS, **PAPER),
     "faceptor-full": TrainConfig(preset="faceptor-full", heads=FULL_HEADS, **{**PAPER, "arch": "full"}),
     # Naive Faceptor: Base datasets and batch sizes, every weight 1.0 (Sec. 4.1).

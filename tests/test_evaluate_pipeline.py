@@ -67,6 +67,10 @@ def test_evaluate_cli_writes_synthetic_json(default_run, tmp_path, stage):
         if k != "age_mae" and k != "age_mae_baseline" and k != "nme" and k != "nme_baseline":
             assert 0.0 <= syn[k] <= 1.0, (k, syn[k])
     assert syn["age_mae"] > 0 and syn["nme"] > 0
+    per_class = syn["parsing_f1_per_class"]                       # 19 classes; null = absent from truth and prediction
+    assert len(per_class) == 19
+    fg = [v for v in per_class[1:] if v is not None]
+    assert fg and abs(np.mean(fg) - syn["parsing_f1"]) < 1e-9
     assert "| synthetic test |" in proc.stdout and "verification" in proc.stdout
 
 
