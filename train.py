@@ -20,6 +20,8 @@ Divergences and choices (ours):
   * The demo presets are not in the paper: a tiny model on the built-in synthetic faces (synthetic.py) so the
     whole pipeline runs on a CPU; their sizes, batches and weights are tuned for that setting.
   * bf16 autocast (CUDA) is an option; the authors computed in fp32.
+  * Stage 2 starts next to the stage-1 function: the new projections are copies of the layer-12 one and each
+    head's L_t rows equal its first row (model.init_stage2); random values made the demo's stage 2 end below stage 1.
   * MKL_CBWR=AUTO,STRICT is set by default so CPU runs are bit-reproducible (a resumed run equals an
     uninterrupted one); export another value to override.
 
@@ -58,8 +60,8 @@ import torch.nn.functional as F
 import losses
 import ops
 from composer import MultiTaskComposer
-from model import TASKS, Faceptor, FaceptorConfig, NaiveFaceptor, convert_official_state_dict, load_farl, \
-    stage2_parameters
+from model import TASKS, Faceptor, FaceptorConfig, NaiveFaceptor, convert_official_state_dict, init_stage2, \
+    load_farl, stage2_parameters
 
 CHECKPOINT_FORMAT = "faceptor-train-1"
 
@@ -513,6 +515,8 @@ def main(argv=None):
         if [k for k in missing if k not in ok] or unexpected:
             raise SystemExit(f"--from: the checkpoint does not fit: missing {[k for k in missing if k not in ok]}, "
                              f"unexpected {unexpected}")
+        if stage == 2:
+            init_stage2(model)                  # new projections = the layer-12 one, L_t rows equal (model.py)
     if args.init and resume is None:
         kind, path = args.init
         if kind == "farl":

@@ -4,7 +4,8 @@ import torch
 import torch.nn as nn
 
 from decoder import CrossAttentionLayer, QueryGroup, SelfAttentionLayer, sine_code
-from model import (BASE_TASKS, FULL_TASKS, TASKS, Faceptor, FaceptorConfig, NaiveFaceptor, stage2_parameters)
+from model import (BASE_TASKS, FULL_TASKS, TASKS, Faceptor, FaceptorConfig, NaiveFaceptor, init_stage2,
+                   stage2_parameters)
 
 
 def _count(module, skip_level=True):
@@ -185,6 +186,31 @@ def test_stage2_loads_stage1_and_switch_off_reproduces_stage1():
         for k in ref:
             assert torch.equal(off[k], ref[k]), f"{task}.{k}: Layer-Attention off differs from stage 1"
         assert not torch.allclose(on[next(iter(on))], ref[next(iter(ref))]), "Layer-Attention on had no effect"
+
+
+def test_init_stage2_reproduces_stage1_when_layers_agree():
+    """init_stage2: copies of the layer-12 projection and equal L_t rows. Were every encoder layer's map the same,
+    the stage-2 model would equal the stage-1 model exactly; with the default random start it does not."""
+    torch.manual_seed(0)
+    s1 = Faceptor(FaceptorConfig.tiny()).eval()
+    x512, x112 = _inputs(s1.cfg)
+    for init in (False, True):
+        torch.manual_seed(1)
+        s2 = Faceptor(FaceptorConfig.tiny(stage=2)).eval()
+        s2.load_state_dict(s1.state_dict(), strict=False)
+        if init:
+            init_stage2(s2)
+            assert all(torch.equal(c.weight, s2.projection.convs[0].weight) for c in s2.projection.convs)
+            assert all(torch.equal(q.level, q.level[:1].expand_as(q.level)) for q in s2.queries.values())
+        encode = s2.encoder.forward
+        s2.encoder.forward = lambda x: [encode(x)[-1]] * s2.cfg.vit_layers        # every layer = layer 12
+        for task in ("300w", "celebamask_hq", "celeba", "affectnet"):
+            x = x512 if TASKS[task].size == 512 else x112
+            got, ref = s2(x, task), s1(x, task)
+            close = all(torch.allclose(got[k], ref[k], atol=1e-5, rtol=1e-5) for k in ref)
+            assert close == init, (task, init)
+    with pytest.raises(ValueError):
+        init_stage2(s1)
 
 
 def test_stage2_parameters():
