@@ -13,6 +13,8 @@ Divergences from the paper (each also listed in SPEC.md):
   * The position table is kept at 32x32 (+ class row) and resized (bicubic) to the input grid at every forward.
   * L_t is per task head (paper eq. (7)); the authors' code shares one table.
   * In stage 2 the encoder runs in eval mode (no drop-path), since it is frozen.
+Training choice of ours, not in SPEC.md: train.py starts stage 2 with `init_stage2` (new projections = copies of the
+layer-12 one, each head's L_t rows equal), so stage 2 begins next to the stage-1 function.
 Checkpoint loading and conversion live in convert.py and are re-exported here.
 """
 from __future__ import annotations
