@@ -148,6 +148,11 @@ def parsing_confusion(pred, target, num_classes: int) -> np.ndarray:
     return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
+def f1_list(per_class) -> list:
+    """Per-class F1 as JSON values: float, or None for a class absent from truth and prediction (NaN)."""
+    return [None if np.isnan(v) else float(v) for v in per_class]
+
+
 def parsing_f1(confusion) -> tuple[np.ndarray, float]:
     """(F1 per class [C], mean F1 over foreground classes 1..C-1) from one confusion matrix (rows = truth).
 
@@ -403,7 +408,7 @@ def evaluate_synthetic(model, train_cfg: Mapping, n_test: int = 1000, n_pairs: i
     if "parsing" in heads:
         per_class, res["parsing_f1"] = parsing_f1(acc["conf"])
         res["parsing_f1_baseline"] = parsing_f1(acc["conf_base"])[1]
-        res["parsing_f1_per_class"] = [None if np.isnan(v) else float(v) for v in per_class]   # null: class absent
+        res["parsing_f1_per_class"] = f1_list(per_class)
     if "age" in heads:
         gt = np.asarray(acc["age_gt"])
         res["age_mae"] = mae(np.concatenate(acc["age"]), gt)
@@ -528,7 +533,7 @@ def evaluate_protocol(model, name: str, root: str, split: str, kind: str, extra:
             res[f"auc@{extra['auc']}"], res[f"fr@{extra['auc']}"] = auc_fr(errors, extra["auc"])
     elif kind == "f1":
         per_class, mean = parsing_f1(conf)
-        res["f1_mean"], res["f1_per_class"] = mean, [None if np.isnan(v) else float(v) for v in per_class]
+        res["f1_mean"], res["f1_per_class"] = mean, f1_list(per_class)
     elif kind == "mae":
         res["mae"] = mae(np.concatenate(preds), np.concatenate(gts))
     elif kind == "acc":

@@ -47,6 +47,16 @@ CONFIGS = {
 # ---------------------------------------------------------------------------------------------------------------
 # Kernels
 @triton.jit
+def _kv_tile(kf_ptr, kp_ptr, v_ptr, offs_p, offs_d, kd_ok, skp, skd, spp, spd, svp, svd):
+    """One layer's key tile KF + KP (fp32 add in registers, never written to memory) and its value tile;
+    kf_ptr and v_ptr point at that layer, kp_ptr at the shared position keys."""
+    kf = tl.load(kf_ptr + offs_p[:, None] * skp + offs_d[None, :] * skd, mask=kd_ok, other=0.0)
+    kp = tl.load(kp_ptr + offs_p[:, None] * spp + offs_d[None, :] * spd, mask=kd_ok, other=0.0)
+    vt = tl.load(v_ptr + offs_p[:, None] * svp + offs_d[None, :] * svd, mask=kd_ok, other=0.0)
+    return kf.to(tl.float32) + kp.to(tl.float32), vt
+
+
+@triton.jit
 def _la_fwd_kernel(Q, KF, KP, V, LB, O, LSE,
                    sqb, sqh, sqm, sqd, skb, skh, skl, skp, skd, spb, sph, spp, spd,
                    svb, svh, svl, svp, svd, slb, slh, slm, sll, sob, soh, som, sod,
@@ -83,10 +93,8 @@ def _la_fwd_kernel(Q, KF, KP, V, LB, O, LSE,
             p_ok = offs_p < HW
             kd_ok = p_ok[:, None] & d_ok[None, :]
             # stage 3: key tile KF + KP formed in registers (fp32 add), never written to memory
-            kf = tl.load(kf_base + j * skl + offs_p[:, None] * skp + offs_d[None, :] * skd, mask=kd_ok, other=0.0)
-            kp = tl.load(kp_base + offs_p[:, None] * spp + offs_d[None, :] * spd, mask=kd_ok, other=0.0)
-            vt = tl.load(v_base + j * svl + offs_p[:, None] * svp + offs_d[None, :] * svd, mask=kd_ok, other=0.0)
-            k = kf.to(tl.float32) + kp.to(tl.float32)
+            k, vt = _kv_tile(kf_base + j * skl, kp_base, v_base + j * svl, offs_p, offs_d, kd_ok,
+                             skp, skd, spp, spd, svp, svd)
             if DOT_F32:
                 vt = vt.to(tl.float32)
                 qk = tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -151,10 +159,8 @@ def _la_bwd_dq_kernel(Q, KF, KP, V, LB, DO, LSE, DELTA, DQ, DLB,
             offs_p = start + offs_n
             p_ok = offs_p < HW
             kd_ok = p_ok[:, None] & d_ok[None, :]
-            kf = tl.load(kf_base + j * skl + offs_p[:, None] * skp + offs_d[None, :] * skd, mask=kd_ok, other=0.0)
-            kp = tl.load(kp_base + offs_p[:, None] * spp + offs_d[None, :] * spd, mask=kd_ok, other=0.0)
-            vt = tl.load(v_base + j * svl + offs_p[:, None] * svp + offs_d[None, :] * svd, mask=kd_ok, other=0.0)
-            k = kf.to(tl.float32) + kp.to(tl.float32)
+            k, vt = _kv_tile(kf_base + j * skl, kp_base, v_base + j * svl, offs_p, offs_d, kd_ok,
+                             skp, skd, spp, spd, svp, svd)
             # recompute P = exp2(s - LSE), then dS = P (dO.V - Delta)
             if DOT_F32:
                 vt = vt.to(tl.float32)

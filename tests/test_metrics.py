@@ -142,6 +142,9 @@ def test_parsing_f1_by_hand_with_empty_classes():
     assert np.isnan(per[2])
     assert per[3] == 0.0
     _close(fg, (6 / 10 + 0) / 2)
+    as_json = E.f1_list(per)                                    # NaN -> None, numbers as plain floats
+    assert as_json[2] is None and as_json[3] == 0.0 and type(as_json[1]) is float
+    _close(as_json[0], 10 / 13)
 
 
 def test_parsing_f1_background_excluded_and_all_empty():
