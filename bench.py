@@ -1,10 +1,12 @@
-"""Benchmarks of the fast ops, side by side in one run; prints times and ratios (results go to BENCHMARKS.md).
+"""Benchmarks, side by side in one run; each section prints times and ratios (results go to BENCHMARKS.md).
 
-    python bench.py                         # CPU sections (2 threads), and the GPU sections when CUDA is available
-    python bench.py --threads 2 --reps 7 --attn-batch 1 8
-    python bench.py --only gpu              # GPU sections only
+    python bench.py ops                     # fast ops: CPU sections (2 threads), GPU sections when CUDA is available
+    python bench.py ops --threads 2 --reps 7 --attn-batch 1 8
+    python bench.py ops --only gpu          # GPU sections only
+    python bench.py predict                 # all-head predict vs per-head, Faceptor-Base, batch 1, 2 threads, fp32
+    python bench.py data --sizes 64 112     # data throughput per CPU-second (nothing is written)
 
-CPU:
+Section `ops`, CPU:
   * heatmap -> coordinates (eq. 9): C++ op vs PyTorch reference, B in {4, 64}, K = 68, 128x128, fwd and fwd+bwd.
   * decoder cross-attention (eqs. 6-7, one layer incl. projections, out_proj, norm) at the paper's shapes:
     grouped reference path of decoder.CrossAttentionLayer (per task head: K = F^ + P + L_t materialised, SDPA)
@@ -16,19 +18,33 @@ GPU (only when CUDA is available):
     fwd and fwd+bwd, B in {1, 64}, HW 1024 / 49 with all 235 queries, bf16 and fp16, and the fraction of the
     attention-core floors of KERNELS.md §2;
   * heatmap CUDA op vs reference, fp32 and bf16.
+Section `predict`: `Faceptor.predict` (encoder once per input size, all heads in one decoder pass) against the
+same model run the way the authors' evaluation runs it (encoder and decoder once per task head); both timed
+alternately in one run, so machine noise hits both alike.
+Section `data`: SyntheticFaces items/s at several sizes, RecordIO random reads/s (with and without JPEG decode),
+and the 112-px and 512-px training transforms; per wall-clock second and per CPU-second of this process.
 """
 import argparse
+import io
+import os
 import statistics
+import tempfile
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 import decoder
 import ops
+from data.dataset_io import decode_image
+from data.recordio import RecordIOReader, pack_irheader, unpack_irheader, write_recordio
+from data.synthetic import SyntheticFaces
+from data.transforms import DenseTransform, GlobalTransform
+from model import TASKS, Faceptor, FaceptorConfig
 
-TASKS_112 = (101, 40, 7)       # age, attributes, expression
-TASKS_512 = (19, 68)           # parsing, landmarks
+ATTN_112 = (101, 40, 7)       # age, attributes, expression
+ATTN_512 = (19, 68)           # parsing, landmarks
 D, HEADS, LEVELS = 256, 8, 6
 
 
@@ -161,16 +177,68 @@ def bench_attention(device, cases, dtypes, modes, reps, timer, floors=False):
                           f"at {max(t_exp, t_mma) / times['fused']:.2%} of the larger floor")
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
-    p.add_argument("--reps", type=int, default=7, help="timed repetitions per point (median reported)")
-    p.add_argument("--heatmap-batch", type=int, nargs="+", default=[4, 64], help="B for the heatmap op")
-    p.add_argument("--attn-batch", type=int, nargs="+", default=[1, 8], help="B for the CPU cross-attention")
-    p.add_argument("--attn-modes", nargs="+", default=["fwd"], choices=["fwd", "fwd+bwd"],
-                   help="CPU cross-attention modes")
-    p.add_argument("--only", choices=["cpu", "gpu"], default=None, help="run only the CPU or the GPU sections")
-    args = p.parse_args()
+# -- section data
+
+def rate(fn, seconds: float) -> str:
+    """Calls of fn per wall-clock second and per CPU second of this process (the per-core figure, which stays
+    meaningful when other jobs share the machine), over at least `seconds` after one warm-up call."""
+    fn(0)
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - t0 < seconds:
+        fn(n + 1)
+        n += 1
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return f"{n / wall:9.1f} /s wall, {n / max(cpu, 1e-9):9.1f} /s per CPU-second"
+
+
+def bench_synthetic(sizes, seconds):
+    for size in sizes:
+        ds = SyntheticFaces("train", size=size, length=10 ** 6, n_identities=1000)
+        for i in range(1000):                      # identity parameters are cached after first use
+            ds._identity(i)
+        print(f"SyntheticFaces {size:4d} px items:                  {rate(lambda i: ds[i], seconds)}")
+
+
+def bench_recordio(n_records, seconds):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
+    jpeg = buf.getvalue()
+    with tempfile.TemporaryDirectory() as d:
+        rec, idx = os.path.join(d, "train.rec"), os.path.join(d, "train.idx")
+        write_recordio(rec, idx, ((k, pack_irheader(float(k % 100), jpeg, k)) for k in range(n_records)))
+        reader = RecordIOReader(rec, idx)
+        keys = rng.integers(0, n_records, size=10 ** 6)
+        read = lambda i: reader.read(int(keys[i]))                                    # noqa: E731
+        decode = lambda i: decode_image(unpack_irheader(read(i))[4])                  # noqa: E731
+        print(f"RecordIO random reads ({n_records} x {len(jpeg)} B):   {rate(read, seconds)}")
+        print(f"RecordIO random read + JPEG decode 112 px:   {rate(decode, seconds)}")
+        reader.close()
+
+
+def bench_transforms(seconds):
+    item = SyntheticFaces("train", size=112, length=10)[0]
+    t = GlobalTransform(112, train=True)
+    run = lambda i: t(item, torch.Generator().manual_seed(i))                          # noqa: E731
+    print(f"112-px train transform (flip, RandAug, erase): {rate(run, seconds)}")
+    big = SyntheticFaces("train", size=512, length=10, task="landmarks")[0]
+    big["box"] = torch.tensor([100.0, 100.0, 400.0, 400.0])
+    d = DenseTransform(512, "landmarks", train=True)
+    run = lambda i: d(big, torch.Generator().manual_seed(i))                           # noqa: E731
+    print(f"512-px dense train transform (warp, degrade): {rate(run, seconds)}")
+
+
+def section_data(args):
+    """SyntheticFaces items/s per core at several sizes, RecordIO random reads/s, the augmentation pipelines."""
+    torch.set_num_threads(args.threads)
+    bench_synthetic(args.sizes, args.seconds)
+    bench_recordio(args.records, args.seconds)
+    bench_transforms(args.seconds)
+
+
+def section_ops(args):
+    """Heatmap op and decoder cross-attention, CPU and (when present) GPU."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {args.threads} CPU threads, extension built: {ops.HAVE_EXT}, "
@@ -178,7 +246,7 @@ def main():
 
     if args.only != "gpu":
         bench_heatmap("cpu", args.heatmap_batch, [torch.float32], args.reps, cpu_time)
-        cases = [(B, 49, TASKS_112) for B in args.attn_batch] + [(B, 1024, TASKS_512) for B in args.attn_batch]
+        cases = [(B, 49, ATTN_112) for B in args.attn_batch] + [(B, 1024, ATTN_512) for B in args.attn_batch]
         bench_attention("cpu", cases, [torch.float32], args.attn_modes, max(3, args.reps // 2), cpu_time)
 
     if args.only != "cpu":
@@ -186,11 +254,71 @@ def main():
             print("\n## GPU sections skipped: no CUDA device")
             return
         print(f"\nGPU: {torch.cuda.get_device_name()}")
-        all_tasks = TASKS_112 + TASKS_512                                           # 235 queries in one launch
+        all_tasks = ATTN_112 + ATTN_512                                           # 235 queries in one launch
         cases = [(B, HW, all_tasks) for B in (1, 64) for HW in (1024, 49)]
         bench_attention("cuda", cases, [torch.bfloat16, torch.float16], ["fwd", "fwd+bwd"], args.reps, gpu_time,
                         floors=True)
         bench_heatmap("cuda", [64], [torch.float32, torch.bfloat16], args.reps, gpu_time)
+
+
+
+def section_predict(args):
+    """Faceptor.predict (all heads, one pass) vs the authors' way (encoder + decoder once per head)."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = getattr(FaceptorConfig, args.preset)()
+    model = Faceptor(cfg).eval()
+    x512 = torch.randn(args.batch, 3, cfg.size_512, cfg.size_512)
+    x112 = torch.randn(args.batch, 3, cfg.size_112, cfg.size_112)
+
+    def one_pass():
+        return model.predict(images_512=x512, images_112=x112)
+
+    @torch.no_grad()
+    def per_head():
+        return {t: model(x512 if TASKS[t].size == 512 else x112, t) for t in cfg.tasks}
+
+    a, b = one_pass(), per_head()
+    err = max((a[t][k] - b[t][k]).abs().max().item() for t in a for k in a[t])
+    times = {"predict": [], "per-head": []}
+    for _ in range(args.repeats):
+        for name, fn in (("predict", one_pass), ("per-head", per_head)):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"Faceptor-{args.preset} ({len(cfg.tasks)} heads), batch {args.batch}, {args.threads} threads, fp32, "
+          f"median of {args.repeats}")
+    print(f"  per-head (encoder + decoder once per head): {med['per-head'] * 1000:8.1f} ms")
+    print(f"  predict  (one pass over all heads):         {med['predict'] * 1000:8.1f} ms")
+    print(f"  speed-up: {med['per-head'] / med['predict']:.2f}x   (max abs difference of outputs {err:.2e})")
+
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="section", required=True)
+    p = sub.add_parser("ops", help=section_ops.__doc__)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--reps", type=int, default=7, help="timed repetitions per point (median reported)")
+    p.add_argument("--heatmap-batch", type=int, nargs="+", default=[4, 64], help="B for the heatmap op")
+    p.add_argument("--attn-batch", type=int, nargs="+", default=[1, 8], help="B for the CPU cross-attention")
+    p.add_argument("--attn-modes", nargs="+", default=["fwd"], choices=["fwd", "fwd+bwd"],
+                   help="CPU cross-attention modes")
+    p.add_argument("--only", choices=["cpu", "gpu"], default=None, help="run only the CPU or the GPU sections")
+    p = sub.add_parser("predict", help=section_predict.__doc__)
+    p.add_argument("--preset", default="base", choices=["base", "full", "tiny"], help="model configuration")
+    p.add_argument("--batch", type=int, default=1, help="faces per call")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions of each path (after one warm-up)")
+    p = sub.add_parser("data", help=section_data.__doc__)
+    p.add_argument("--sizes", type=int, nargs="+", default=[48, 64, 96, 112, 128, 512],
+                   help="SyntheticFaces image sizes to time")
+    p.add_argument("--seconds", type=float, default=2.0, help="time spent on each measurement")
+    p.add_argument("--records", type=int, default=20000, help="number of records in the temporary .rec file")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 = per-core numbers)")
+    args = ap.parse_args()
+    {"ops": section_ops, "predict": section_predict, "data": section_data}[args.section](args)
 
 
 if __name__ == "__main__":

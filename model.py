@@ -518,4 +518,11 @@ class NaiveFaceptor(nn.Module):
         return {"logits": logits}
 
 
-from convert import convert_official_state_dict, load_farl  # noqa: E402,F401  (re-exported)
+MODELS = {"faceptor": Faceptor, "naive": NaiveFaceptor}     # the model registry: checkpoint field 'kind'
+
+
+def build_model(kind: str, mcfg: FaceptorConfig) -> nn.Module:
+    """The model named `kind` in MODELS, built from `mcfg`."""
+    if kind not in MODELS:
+        raise ValueError(f"model kind must be one of {sorted(MODELS)}, got {kind!r}")
+    return MODELS[kind](mcfg)

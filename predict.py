@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from composer import normalize_images
-from conventions import CELEBA_ATTRIBUTES, CELEBAMASK_CLASSES, EXPRESSIONS, LAPA_CLASSES
+import checkpoint
+from data.composer import normalize_images
+from data.conventions import CELEBA_ATTRIBUTES, CELEBAMASK_CLASSES, EXPRESSIONS, LAPA_CLASSES
 from model import TASKS
 
 CLASS_NAMES = {"celebamask_hq": CELEBAMASK_CLASSES, "lapa": LAPA_CLASSES}
@@ -129,7 +130,7 @@ def draw(image: Image.Image, res: dict, raw: dict) -> Image.Image:
 
 
 def main(argv=None):
-    import train
+
     p = argparse.ArgumentParser(description="Run every task head of a checkpoint on one face image.")
     p.add_argument("checkpoint", help="a checkpoint written by train.py")
     p.add_argument("image", help="an image file (a face crop, or a photo with --box)")
@@ -140,8 +141,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args(argv)
     try:
-        model = train.model_from_checkpoint(train.load_checkpoint(args.checkpoint)).to(args.device)
-    except train.CheckpointError as e:
+        model = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(checkpoint.resolve_checkpoint(args.checkpoint))).to(args.device)
+    except checkpoint.CheckpointError as e:
         raise SystemExit(f"predict.py: {e}")
     try:
         image = Image.open(args.image).convert("RGB")

@@ -59,12 +59,10 @@ import torch.nn.functional as F
 
 import losses
 import ops
-from composer import MultiTaskComposer
-from model import TASKS, Faceptor, FaceptorConfig, NaiveFaceptor, convert_official_state_dict, init_stage2, \
-    load_farl, stage2_parameters
-
-CHECKPOINT_FORMAT = "faceptor-train-1"
-
+from data.composer import MultiTaskComposer
+from checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_save, checkpoints, convert_official_state_dict,  # noqa: F401
+                        load_checkpoint, load_farl, model_from_checkpoint)
+from model import TASKS, Faceptor, FaceptorConfig, NaiveFaceptor, build_model, init_stage2, stage2_parameters
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration: one dataclass; presets are named instances of it.
@@ -168,12 +166,6 @@ def model_config(cfg: TrainConfig, stage: int) -> FaceptorConfig:
     return make(**{**cfg.arch_overrides, "tasks": tuple(cfg.heads), "stage": stage})
 
 
-def build_model(kind: str, mcfg: FaceptorConfig) -> nn.Module:
-    if kind not in ("faceptor", "naive"):
-        raise ValueError(f"model kind must be 'faceptor' or 'naive', got {kind!r}")
-    return Faceptor(mcfg) if kind == "faceptor" else NaiveFaceptor(mcfg)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Learning-rate schedule: linear warm-up from `start`, then cosine to 0 at `total`.
 
@@ -190,7 +182,7 @@ def lr_at(step: int, total: int, warmup: int, peak: float, start: float = 1e-6) 
 
 def synthetic_dataset(head: str, cfg: TrainConfig, mcfg: FaceptorConfig, split: str = "train", length=None,
                       identities=None):
-    from synthetic import SyntheticFaces
+    from data.synthetic import SyntheticFaces
     framing = cfg.synthetic_framing_112 if TASKS[head].size == 112 else "loose"
     return SyntheticFaces(split=split, size=mcfg.input_size(head), length=length or cfg.synthetic_train_length,
                           seed=cfg.synthetic_seed, n_identities=identities or cfg.synthetic_identities,
@@ -242,64 +234,6 @@ class MultiTaskStep(nn.Module):
     def forward(self, batches: dict) -> dict:
         outputs = self.model.forward_tasks({h: b["image"] for h, b in batches.items()})  # encoder once per size
         return {h: losses.task_loss(TASKS[h].type, outputs[h], batches[h], self.cosface) for h in batches}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-class CheckpointError(ValueError):
-    pass
-
-
-def load_checkpoint(path: str) -> dict:
-    """Read a training checkpoint with torch.load(weights_only=True); refuse anything else with a clear error."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path!r}: no such file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "weights only" in str(e).lower() or "unsupported global" in str(e).lower():
-            raise CheckpointError(f"checkpoint {path!r}: refused, it holds pickled objects other than tensors and "
-                                  f"plain values (possibly code); only weights-only checkpoints are loaded "
-                                  f"({msg})") from e
-        raise CheckpointError(f"checkpoint {path!r}: unreadable or corrupt ({type(e).__name__}: {msg})") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"checkpoint {path!r}: field 'format' is {got!r}, expected {CHECKPOINT_FORMAT!r} "
-                              "(a checkpoint written by train.py)")
-    for key in ("model", "model_config", "config", "stage", "step", "kind"):
-        if key not in ckpt:
-            raise CheckpointError(f"checkpoint {path!r}: missing field {key!r}")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt: dict, stage: int | None = None) -> nn.Module:
-    """The model of a checkpoint (eval mode). stage=2 on a stage-1 checkpoint builds the stage-2 model."""
-    mcfg = FaceptorConfig(**{**ckpt["model_config"], "stage": stage or ckpt["stage"]})
-    model = build_model(ckpt["kind"], mcfg)
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-    allowed = [k for k in missing if re.match(r"projection\.convs\.[1-9]\d*\.", k)] if mcfg.stage == 2 else []
-    bad_missing = [k for k in missing if k not in allowed]
-    if bad_missing or unexpected:
-        raise CheckpointError(f"checkpoint does not fit its model: missing {bad_missing[:5]}, "
-                              f"unexpected {list(unexpected)[:5]}")
-    return model.eval()
-
-
-def atomic_save(obj, path: str):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def checkpoints(out_dir: str, stage: int) -> list:
-    """Checkpoints of a stage in out_dir, oldest first."""
-    paths = glob.glob(os.path.join(out_dir, f"stage{stage}_step*.pt"))
-    return sorted(paths, key=lambda p: int(re.search(r"step(\d+)\.pt$", p).group(1)))
 
 
 def _rng_state() -> dict:

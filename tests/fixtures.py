@@ -10,8 +10,8 @@ import struct
 import numpy as np
 from PIL import Image
 
-from conventions import CELEBA_ATTRIBUTES, CELEBAMASK_PARTS
-from recordio import pack_irheader, write_recordio
+from data.conventions import CELEBA_ATTRIBUTES, CELEBAMASK_PARTS
+from data.recordio import pack_irheader, write_recordio
 
 RNG_SEED = 1234
 

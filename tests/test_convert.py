@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from model import (BASE_TASKS, FULL_TASKS, Faceptor, FaceptorConfig, NaiveFaceptor, convert_official_state_dict,
-                   load_farl)
+from checkpoint import convert_official_state_dict, load_farl
+from model import BASE_TASKS, FULL_TASKS, Faceptor, FaceptorConfig, NaiveFaceptor
 
 REF = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
 needs_ref = pytest.mark.skipif(not os.path.isdir(REF), reason="../shared/reference (the key tables) is not present")

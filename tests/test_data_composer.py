@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import data
-from transforms import GlobalTransform
+from data.transforms import GlobalTransform
 
 
 class IndexDataset(torch.utils.data.Dataset):

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 from PIL import Image
 
 import data
-from recordio import MAGIC, RecordIOReader, image_keys, pack_irheader, pack_record, unpack_irheader, write_recordio
+from data.recordio import MAGIC, RecordIOReader, image_keys, pack_irheader, pack_record, unpack_irheader, write_recordio
 from tests import fixtures as fx
 
 MAGIC_BYTES = struct.pack("<I", MAGIC)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import data
-from conventions import CELEBAMASK_CLASSES, CELEBAMASK_PARTS, FERPLUS_TO_AFFECTNET, RAFDB_TO_AFFECTNET
+from data.conventions import CELEBAMASK_CLASSES, CELEBAMASK_PARTS, FERPLUS_TO_AFFECTNET, RAFDB_TO_AFFECTNET
 from tests import fixtures as fx
 
 try:

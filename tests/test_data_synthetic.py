@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from conventions import ATTR, CELEBAMASK_CLASSES, EXPRESSIONS
-from synthetic import SyntheticFaces, attributes_of, identity_params, item_params
-from synthetic_draw import render
+from data.conventions import ATTR, CELEBAMASK_CLASSES, EXPRESSIONS
+from data.synthetic import SyntheticFaces, attributes_of, identity_params, item_params
+from data.synthetic_draw import render
 
 CLS = {name: i for i, name in enumerate(CELEBAMASK_CLASSES)}
 
@@ -147,7 +147,7 @@ def test_task_views():
 
 
 def test_cache_gives_the_same_items_and_is_shared_by_views():
-    from synthetic import _CACHE
+    from data.synthetic import _CACHE
     plain = SyntheticFaces("train", size=48, seed=7, n_identities=50)
     lm = SyntheticFaces("train", size=48, seed=7, n_identities=50, task="landmarks", cache=True)
     ps = SyntheticFaces("train", size=48, seed=7, n_identities=50, task="parsing", cache=True)

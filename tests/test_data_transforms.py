@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import data
-from conventions import CELEBAMASK_FLIP, FLIP_19, FLIP_29, FLIP_68, FLIP_98, LAPA_FLIP
-from transforms import (RAND_OPS, DenseTransform, GlobalTransform, Warp, fit_similarity, flip_item, rand_augment,
+from data.conventions import CELEBAMASK_FLIP, FLIP_19, FLIP_29, FLIP_68, FLIP_98, LAPA_FLIP
+from data.transforms import (RAND_OPS, DenseTransform, GlobalTransform, Warp, fit_similarity, flip_item, rand_augment,
                         random_erasing, similarity)
 
 

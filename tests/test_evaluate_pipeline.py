@@ -76,7 +76,7 @@ def test_evaluate_cli_writes_synthetic_json(default_run, tmp_path, stage):
 
 def test_predict_cli(default_run, tmp_path):
     from PIL import Image
-    from synthetic import SyntheticFaces
+    from data.synthetic import SyntheticFaces
     out, _, _ = default_run
     face = SyntheticFaces("test", size=96)[0]
     img = tmp_path / "face.png"
@@ -100,7 +100,7 @@ def test_predict_cli(default_run, tmp_path):
 
 
 def evaluate_classes():
-    from conventions import CELEBAMASK_CLASSES
+    from data.conventions import CELEBAMASK_CLASSES
     return CELEBAMASK_CLASSES
 
 
@@ -139,7 +139,7 @@ def test_predict_image_lists_attributes_above_half():
     """Attributes with probability above 0.5 are reported by name with their probability."""
     from PIL import Image
     import predict
-    from synthetic import SyntheticFaces
+    from data.synthetic import SyntheticFaces
     torch.manual_seed(0)
     model = train.Faceptor(train.FaceptorConfig.tiny()).eval()
     with torch.no_grad():

@@ -6,7 +6,8 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-import evaluate as E
+import evaluate
+import metrics as E
 
 
 def _close(actual, expected, tol=1e-9):
@@ -291,8 +292,8 @@ def test_verification_matches_direct_protocol(seed, n):
 # ------------------------------------------------------------------------------------------------ tables
 
 def test_format_table_prints_percent():
-    table = E.format_table([{"dataset": "300W", "NME": 0.02814, "AUC": float("nan")}, {"dataset": "WFLW"}],
+    table = evaluate.format_table([{"dataset": "300W", "NME": 0.02814, "AUC": float("nan")}, {"dataset": "WFLW"}],
                            ["dataset", "NME", "AUC"])
     assert table.splitlines() == ["| dataset | NME | AUC |", "|---|---|---|",
                                   "| 300W | 2.81 | - |", "| WFLW | - | - |"]
-    assert E.format_percent(0.5, digits=1) == "50.0"
+    assert evaluate.format_percent(0.5, digits=1) == "50.0"

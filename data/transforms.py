@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 
-from conventions import CELEBAMASK_FLIP, LANDMARK_FLIP, LAPA_ALIGN_POINTS
+from .conventions import CELEBAMASK_FLIP, LANDMARK_FLIP, LAPA_ALIGN_POINTS
 
 
 def _rand(g) -> float:

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dataset_io import (DatasetError, FaceDataset, array_to_image, bad_line, decode_image, first_existing,
+from .dataset_io import (DatasetError, FaceDataset, array_to_image, bad_line, decode_image, first_existing,
                         h5_string, image_base, load_mat, mat_field, mat_string, parse_floats, read_lines, require)
-from conventions import CELEBAMASK_PARTS
+from .conventions import CELEBAMASK_PARTS
 
 
 def _extent_box(lm: np.ndarray) -> np.ndarray:

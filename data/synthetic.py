@@ -33,8 +33,8 @@ import math
 import numpy as np
 import torch
 
-from conventions import ATTR, EXPRESSIONS, TASK_TYPES
-from synthetic_draw import render
+from .conventions import ATTR, EXPRESSIONS, TASK_TYPES
+from .synthetic_draw import render
 
 SPLITS = {"train": 0, "test": 1}
 HAIR_COLOURS = {"black": (28, 24, 22), "brown": (105, 64, 36), "blond": (228, 192, 122), "red": (168, 72, 36)}

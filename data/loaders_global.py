@@ -19,10 +19,10 @@ import zlib
 import numpy as np
 import torch
 
-from conventions import CELEBA_ATTRIBUTES, FERPLUS_TO_AFFECTNET, RAFDB_TO_AFFECTNET
-from dataset_io import (DatasetError, FaceDataset, array_to_image, bad_line, decode_image, first_existing, h5_string,
+from .conventions import CELEBA_ATTRIBUTES, FERPLUS_TO_AFFECTNET, RAFDB_TO_AFFECTNET
+from .dataset_io import (DatasetError, FaceDataset, array_to_image, bad_line, decode_image, first_existing, h5_string,
                         image_base, load_mat, mat_field, mat_string, parse_floats, read_lines, require)
-from recordio import RecordIOReader, image_keys, record_label, unpack_irheader
+from .recordio import RecordIOReader, image_keys, record_label, unpack_irheader
 
 
 class LabelledImages(FaceDataset):

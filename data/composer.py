@@ -19,7 +19,7 @@ import numbers
 import torch
 from torch.utils.data import DataLoader
 
-from conventions import NORMALIZATION, input_group
+from .conventions import NORMALIZATION, input_group
 
 _MASK64 = (1 << 64) - 1
 

@@ -14,12 +14,16 @@ Files are read with torch.load(weights_only=True): no pickled code is ever run.
 """
 from __future__ import annotations
 
+import glob
 import os
 import re
 from typing import Dict, Tuple
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+
+from model import FaceptorConfig, build_model
 
 OFFICIAL_TASK_NAMES = {
     "align_300w": "300w", "align_wflw": "wflw", "align_cofw": "cofw", "align_aflw": "aflw19",
@@ -231,3 +235,79 @@ def _convert_naive(src, take, tasks):
             if kind == "recognition":
                 tasks.add("ms1mv3")
             take(k, f"heads.{kind}.{rest}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Our training checkpoints (train.py writes them)
+
+CHECKPOINT_FORMAT = "faceptor-train-1"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def load_checkpoint(path: str) -> dict:
+    """Read a training checkpoint with torch.load(weights_only=True); refuse anything else with a clear error."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights only" in str(e).lower() or "unsupported global" in str(e).lower():
+            raise CheckpointError(f"checkpoint {path!r}: refused, it holds pickled objects other than tensors and "
+                                  f"plain values (possibly code); only weights-only checkpoints are loaded "
+                                  f"({msg})") from e
+        raise CheckpointError(f"checkpoint {path!r}: unreadable or corrupt ({type(e).__name__}: {msg})") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"checkpoint {path!r}: field 'format' is {got!r}, expected {CHECKPOINT_FORMAT!r} "
+                              "(a checkpoint written by train.py)")
+    for key in ("model", "model_config", "config", "stage", "step", "kind"):
+        if key not in ckpt:
+            raise CheckpointError(f"checkpoint {path!r}: missing field {key!r}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, stage: int | None = None) -> nn.Module:
+    """The model of a checkpoint (eval mode). stage=2 on a stage-1 checkpoint builds the stage-2 model."""
+    mcfg = FaceptorConfig(**{**ckpt["model_config"], "stage": stage or ckpt["stage"]})
+    model = build_model(ckpt["kind"], mcfg)
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    allowed = [k for k in missing if re.match(r"projection\.convs\.[1-9]\d*\.", k)] if mcfg.stage == 2 else []
+    bad_missing = [k for k in missing if k not in allowed]
+    if bad_missing or unexpected:
+        raise CheckpointError(f"checkpoint does not fit its model: missing {bad_missing[:5]}, "
+                              f"unexpected {list(unexpected)[:5]}")
+    return model.eval()
+
+
+def atomic_save(obj, path: str):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoints(out_dir: str, stage: int) -> list:
+    """Checkpoints of a stage in out_dir, oldest first."""
+    paths = glob.glob(os.path.join(out_dir, f"stage{stage}_step*.pt"))
+    return sorted(paths, key=lambda p: int(re.search(r"step(\d+)\.pt$", p).group(1)))
+
+
+def resolve_checkpoint(path: str, stage: int | None = None) -> str:
+    """`path` if it is a file; for a run folder (e.g. out/demo) its newest checkpoint, of `stage` when given,
+    else of the highest stage present. The one place where a command line turns a run into a file."""
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r}: no such file or folder (give a .pt written by train.py or "
+                              "its run folder, e.g. out/demo)")
+    for s in ([stage] if stage else [2, 1]):
+        found = checkpoints(path, s)
+        if found:
+            return found[-1]
+    raise CheckpointError(f"checkpoint folder {path!r}: no stage{stage or '{1,2}'}_step*.pt inside")
