@@ -1,5 +1,6 @@
-"""Checkpoint loading: the authors' checkpoints (synthesised from the key/shape tables in ../shared/reference/)
-and FaRL files convert and load strictly, every source tensor is used, and bad files give clear errors."""
+"""Checkpoint loading: the authors' checkpoints (synthesised from the key/shape tables in tests/data/, one row per
+tensor of their stage-1 Base/Full, stage-2 and Naive checkpoints) and FaRL files convert and load strictly, every
+source tensor is used, and bad files give clear errors."""
 import os
 
 import pytest
@@ -8,8 +9,7 @@ import torch
 from checkpoint import convert_official_state_dict, load_farl
 from model import BASE_TASKS, FULL_TASKS, Faceptor, FaceptorConfig, NaiveFaceptor
 
-REF = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
-needs_ref = pytest.mark.skipif(not os.path.isdir(REF), reason="../shared/reference (the key tables) is not present")
+REF = os.path.join(os.path.dirname(__file__), "data")      # official_keys_*.tsv: names, shapes, dtypes of their tensors
 
 
 def synthesise(name, prefix=""):
@@ -35,7 +35,6 @@ def _build(cls, cfg):
     return cls(cfg)
 
 
-@needs_ref
 @pytest.mark.parametrize("table,cfg,prefix", [
     ("official_keys_base_stage1.tsv", FaceptorConfig.base(drop_path=0), "module."),
     ("official_keys_full_stage1.tsv", FaceptorConfig.full(drop_path=0), ""),
@@ -71,7 +70,6 @@ def test_official_faceptor_checkpoints_convert_and_load_strictly(table, cfg, pre
     assert all(torch.equal(q.level, level) for q in model.queries.values())
 
 
-@needs_ref
 def test_official_naive_checkpoint_converts_and_loads_strictly():
     src = synthesise("official_keys_naive.tsv", "module.")
     sd, extras = convert_official_state_dict(src)
@@ -84,7 +82,6 @@ def test_official_naive_checkpoint_converts_and_loads_strictly():
                        src["module.heads_module.heads.affect.fcs.affect_rafdb.bias"])
 
 
-@needs_ref
 def test_unused_source_tensor_is_reported():
     src = synthesise("official_keys_base_stage1.tsv")
     src["heads_module.decoder.mystery.weight"] = torch.zeros(3)
@@ -92,7 +89,6 @@ def test_unused_source_tensor_is_reported():
         convert_official_state_dict(src)
 
 
-@needs_ref
 def test_wrong_shape_and_missing_key_name_the_key():
     src = synthesise("official_keys_base_stage1.tsv")
     sd, _ = convert_official_state_dict(src)
