@@ -16,7 +16,7 @@ Section `ops`, CPU:
 GPU (only when CUDA is available):
   * the same cross-attention layer: fused Triton ("fused") vs unfused SDPA ("ref" path) vs authors' style,
     fwd and fwd+bwd, B in {1, 64}, HW 1024 / 49 with all 235 queries, bf16 and fp16, and the fraction of the
-    attention-core floors of KERNELS.md §2;
+    attention-core floors (docs/design.md section 10);
   * heatmap CUDA op vs reference, fp32 and bf16.
 Section `predict`: `Faceptor.predict` (encoder once per input size, all heads in one decoder pass) against the
 same model run the way the authors' evaluation runs it (encoder and decoder once per task head); both timed

@@ -1,7 +1,7 @@
 """Loading FaRL encoders and converting the authors' Faceptor checkpoints into this project's layout.
 
-Sources: ../shared/SPEC.md §3 (FaRL files) and §4 (level table), ../shared/reference/official_keys_*.tsv
-(every tensor name and shape of the authors' stage-1 Base/Full, stage-2 and Naive checkpoints).
+Design: docs/design.md section 11. The names and shapes of every tensor of the authors' stage-1 Base/Full,
+stage-2 and Naive checkpoints are in tests/data/official_keys_*.tsv (the converter tests build checkpoints from them).
 
   * `load_farl(model, path_or_state_dict)`: FaRL ships a whole CLIP model under `state_dict`; the `visual.*`
     tensors are the encoder. The 14x14 (+1) position table is resized once (bicubic) to the model's pos_grid.

@@ -8,7 +8,7 @@ Implements eqs. (2)-(7) of the paper:
   (6) CrossAttention(Q, K, V) = Softmax(Q K^T / sqrt(d)) V                          -> `CrossAttentionLayer`
   (7) K = F^ + Repeat(L_t) + Repeat(P)                                               -> `CrossAttentionLayer`
 
-Where this differs from the paper's text (see ../shared/SPEC.md §4):
+Where this differs from the paper's text (docs/design.md sections 3 and 12):
   * As in the authors' code, every layer is cross-attention -> self-attention -> FFN, each post-norm, and all
     attention is multi-head with d = head dimension in eq. (6) (the math of nn.MultiheadAttention).
   * P is a fixed 2-D sine code of the token centres passed through a learnable MLP (the authors' code), so it
@@ -256,7 +256,7 @@ class TransformerDecoder(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        for p in self.layers.parameters():                                             # post-norm init (SPEC §4)
+        for p in self.layers.parameters():                                             # post-norm init
             if p.dim() == 2:
                 nn.init.normal_(p, std=p.shape[1] ** -0.5)
 

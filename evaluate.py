@@ -50,7 +50,7 @@ def format_table(rows: Sequence[Mapping], columns: Sequence[str], digits: int = 
 # size_512 rendering, the others on the size_112 rendering of the same faces). Baselines come from training
 # faces: the mean normalised landmark shape, the per-pixel majority class map, the mean age, the majority
 # expression, the per-attribute majority. Verification: 10-fold accuracy on pairs of unseen identities with
-# flip-summed embeddings (DATASETS.md §18). NME uses the 300W inter-ocular unit (points 36 and 45).
+# flip-summed embeddings (docs/datasets.md, "Metrics"). NME uses the 300W inter-ocular unit (points 36 and 45).
 
 _BASELINE_CACHE = {}
 
@@ -217,7 +217,7 @@ def synthetic_table(res: Mapping) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Benchmark protocols (DATASETS.md): every test set found under the data root
+# Benchmark protocols (docs/datasets.md): every test set found under the data root
 # ---------------------------------------------------------------------------------------------------------------
 
 # (table, dataset folder / head, split, metric kind, extra) in the order the paper's tables list them.
@@ -245,7 +245,7 @@ def _batches(ds, batch_size: int, group: str, num_workers: int = 0):
 @torch.no_grad()
 def evaluate_protocol(model, name: str, root: str, split: str, kind: str, extra: Mapping, batch_size: int = 32,
                       device="cpu", num_workers: int = 0) -> dict:
-    """One test protocol (DATASETS.md) of head `name` on `root` (the dataset's folder)."""
+    """One test protocol (docs/datasets.md) of head `name` on `root` (the dataset's folder)."""
     import data
     from data.transforms import Warp
     size = model.cfg.input_size(name)
@@ -309,7 +309,7 @@ def evaluate_protocol(model, name: str, root: str, split: str, kind: str, extra:
 
 @torch.no_grad()
 def evaluate_verification(model, path: str, head: str, batch_size: int = 64, device="cpu") -> dict:
-    """10-fold accuracy on one insightface .bin set with flip-summed embeddings (DATASETS.md §18)."""
+    """10-fold accuracy on one insightface .bin set with flip-summed embeddings (docs/datasets.md, "Metrics")."""
     import data
     images, issame = data.read_verification_bin(path)
     size = model.cfg.size_112

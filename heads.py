@@ -1,12 +1,12 @@
 """Output modules of Faceptor (paper Sec. 3.2 "Outputs") and the heads of Naive Faceptor (appendix A.2).
 
-Faceptor's output modules are shared by all task heads of a type (../shared/SPEC.md §5):
+Faceptor's output modules are shared by all task heads of a type (docs/design.md section 4):
   * `DenseOutput`: MLP 256-256-256-256 on the task tokens, dot product with E_pixel -> [B, N_t, H/4, W/4].
   * `ValueOutput`: Linear(256 -> 1) on every task token -> [B, N_t] (age bins, expression classes, attributes).
   * `IdentityOutput`: F^12 tokens -> LayerNorm -> mean -> Linear -> BN -> Linear -> BN -> embedding.
   * `age_readout`: p = sigmoid(y) / sum(sigmoid(y)) over the 101 bins (not softmax), age = sum_k k p_k.
 
-Naive Faceptor (one head per task type, no sharing between types; SPEC §6):
+Naive Faceptor (one head per task type, no sharing between types; docs/design.md section 5):
   * `UperNetHead`: FaRL-style adapters on layers 4, 6, 8, 12, then UperNet (PPM (1,2,3,6) + FPN, 512 channels).
   * `MLCAHead`: SwinFace's multi-level channel attention on layers 6, 8, 10, 12, an MLP, one classifier per dataset.
 Divergences: none in the math. Datasets of one type share its trunk with a per-dataset final layer (for the

@@ -1,4 +1,4 @@
-"""Per-task losses and the multi-task objective of Faceptor (paper appendix A.3, eqs. (8)-(14); SPEC §7).
+"""Per-task losses and the multi-task objective of Faceptor (paper appendix A.3, eqs. (8)-(14); docs/design.md).
 
 One function per task type, each returning a scalar tensor (the mean loss over that head's samples), the
 CosFace classifier as a module, the eq. (8) objective, and `task_loss`, which maps a task type plus the
@@ -210,7 +210,7 @@ def multitask_loss(losses: dict, weights: dict) -> torch.Tensor:
 def pixels_to_normalised(points: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """0-based pixel (x, y) of the network input -> normalised ((x + 0.5) / width, (y + 0.5) / height).
 
-    Convention (SPEC §5): pixel centres sit at integer coordinates, so pixel index i normalises to (i + 0.5) / size
+    Convention (docs/design.md): pixel centres sit at integer coordinates, so pixel i normalises to (i + 0.5) / size
     and normalised 0 and 1 are the image borders; the same convention as `landmark_target` and
     `ops.heatmap_to_coords` (the authors' ground truth is (label + 0.5) / 512).
     """

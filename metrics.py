@@ -1,6 +1,6 @@
 """Metrics of Faceptor's benchmarks (paper Sec. 4, Tables 3-9), numpy only: copy this file alone to use them.
 
-Metrics follow the authors' evaluators (DATASETS.md §1-§7, §14, §18); every function returns fractions
+Metrics follow the authors' evaluators (docs/datasets.md, "Metrics"); every function returns fractions
 (tables print percent):
 - NME: per image, the mean over points of ||pred - gt||_2 / unit, then the mean over images. Units: 300W
   ||gt36 - gt45||, WFLW ||gt60 - gt72||, COFW ||gt8 - gt9|| (0-based, outer eye corners), AFLW-19 the diagonal

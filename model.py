@@ -1,21 +1,21 @@
 """Faceptor and Naive Faceptor (Qin et al., ECCV 2024): encoder, task table and model assemblies.
 
 Paper sections: 3.2 (Faceptor: eq. (1) encoder, eqs. (2)-(5) decoders and outputs), 3.3 (Layer-Attention,
-eqs. (6)-(7)), appendix A.2 (Naive Faceptor). Design: ../shared/SPEC.md §2-§6.
+eqs. (6)-(7)), appendix A.2 (Naive Faceptor). Design: docs/design.md, sections 1-5.
 
     cfg = FaceptorConfig.base()                  # or .full(), .tiny()
     model = Faceptor(cfg)
     out = model(images, "300w")                  # {"heatmap": [B,68,H/4,W/4], "coords": [B,68,2]}
     outs = model.predict(images_512=x512, images_112=x112)   # every head, one decoder pass
 
-Divergences from the paper (each also listed in SPEC.md):
+Divergences from the paper (each also listed in docs/design.md, sections 12-13):
   * The encoder's attention uses F.scaled_dot_product_attention (same math as the packed MHA).
   * The position table is kept at 32x32 (+ class row) and resized (bicubic) to the input grid at every forward.
   * L_t is per task head (paper eq. (7)); the authors' code shares one table.
   * In stage 2 the encoder runs in eval mode (no drop-path), since it is frozen.
-Training choice of ours, not in SPEC.md: train.py starts stage 2 with `init_stage2` (new projections = copies of the
+Training choice of ours: train.py starts stage 2 with `init_stage2` (new projections = copies of the
 layer-12 one, each head's L_t rows equal), so stage 2 begins next to the stage-1 function.
-Checkpoint loading and conversion live in convert.py and are re-exported here.
+Checkpoint loading and conversion live in checkpoint.py.
 """
 from __future__ import annotations
 
@@ -33,7 +33,11 @@ from heads import DenseOutput, IdentityOutput, MLCAHead, UperNetHead, ValueOutpu
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Task table (SPEC §2). Adding a task head = one entry here.
+# Task table (paper Table 2; docs/design.md section 1). For the model, a new dataset of an existing task type is one
+# entry here: queries, L_t, outputs and Naive Faceptor's final layer follow from it. Training and evaluating it on
+# real data also take a loader (data.DATASETS), a preset entry (train.PRESETS) and, for a benchmark, a row of
+# evaluate.BENCHMARKS; a new task *type* is code in the model, losses, data, evaluate and predict. The full list is
+# in docs/design.md ("Adding a task head"); tests/test_vocabulary.py checks every per-task table against this one.
 
 class TaskSpec(NamedTuple):
     type: str          # landmarks | parsing | age | expression | attributes | recognition
@@ -338,7 +342,7 @@ class Faceptor(nn.Module):
         return self.forward_tasks({task: images})[task]
 
     def forward_tasks(self, batches: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, torch.Tensor]]:
-        """Training step forward (SPEC §8): {task: images [n_t, 3, H, W]} -> {task: outputs}. The encoder runs once
+        """Training step forward (Sec. 4.1): {task: images [n_t, 3, H, W]} -> {task: outputs}. The encoder runs once
         per input size on all samples of that size together; each head is then decoded on its own samples."""
         by_size = _group_by_size(self, batches)
         out = {}

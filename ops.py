@@ -3,13 +3,13 @@
 Two public functions, each with reference math in this file and one dispatch with `impl=`:
 
 * `heatmap_to_coords(logits, impl="auto"|"ref"|"ext")`: the "normalising channel k" of eq. (9) (App. A.3) as the
-  authors' code does it (SPEC §5): sigmoid, sum-normalise, expected column/row, pixel-centre convention.
+  authors' code does it (docs/design.md): sigmoid, sum-normalise, expected column/row, pixel-centre convention.
   "ext" is the C++/CUDA op `torch.ops.faceptor.heatmap_to_coords_fwd/bwd` (csrc/), built with
   `python setup.py build_ext --inplace`; "auto" uses it when built (and built for the tensor's device), else the
   reference, and says once how to build it.
 * `layer_attention(q, kf, kp, v, lb, impl="auto"|"ref"|"triton")`: the decoder cross-attention with
   Layer-Attention, eq. (7) keys K = F^ + L_t + P fed to eq. (6) attention, rewritten by linearity
-  (KERNELS.md §1): score(q, (j, p)) = q.(KF[j,p] + KP[p]) / sqrt(dh) + LB[q, j]; the task term q.W_k L_t,j is the
+  (docs/design.md): score(q, (j, p)) = q.(KF[j,p] + KP[p]) / sqrt(dh) + LB[q, j]; the task term q.W_k L_t,j is the
   per-(query, layer) bias LB, so queries of several task heads share one launch. "triton" is the fused
   flash-style kernel of ops_triton.py; "auto" picks it for CUDA tensors and the reference elsewhere.
 
@@ -49,7 +49,7 @@ except ImportError:
 # ---------------------------------------------------------------------------------------------------------------
 # heatmap -> coordinates: reference
 def heatmap_to_coords_ref(logits: torch.Tensor) -> torch.Tensor:
-    """Sigmoid-weighted soft-argmax (SPEC §5). logits [B,K,H,W] -> coords [B,K,2] as normalised (x, y)."""
+    """Sigmoid-weighted soft-argmax (docs/design.md). logits [B,K,H,W] -> coords [B,K,2] as normalised (x, y)."""
     B, K, H, W = logits.shape
     x = logits if logits.dtype == torch.float64 else logits.float()
     s = torch.sigmoid(x)                                            # [B, K, H, W]

@@ -1,4 +1,4 @@
-"""Fused Layer-Attention cross-attention in Triton (paper §3.3, eqs. 6-7; KERNELS.md §1). Used by ops.layer_attention.
+"""Fused Layer-Attention cross-attention in Triton (paper §3.3, eqs. 6-7; docs/design.md). Used by ops.layer_attention.
 
     s[q, (j, p)] = c q.(KF[j, p] + KP[p]) + LB[q, j],  c = 1/sqrt(dh)     (eq. 7 keys F^ + P + L_t, by linearity)
     O[q]         = softmax_{(j, p)}(s[q]) V                                (eq. 6 over the L*HW keys)

@@ -4,8 +4,8 @@
     python predict.py CHECKPOINT photo.jpg --box 120 80 360 330 --out-dir out/predict
 
 The face is the whole image, or the square region centred on --box (side = the box's longer side times
---margin), resized to the model's two input sizes (size_512 for dense heads, size_112 for the others; SPEC §3
-normalisation). Prints JSON: landmarks in the input image's pixel coordinates (0-based, pixel centres at integers),
+--margin), resized to the model's two input sizes (size_512 for dense heads, size_112 for the others;
+normalised). Prints JSON: landmarks in the input image's pixel coordinates (0-based, pixel centres at integers),
 parsing class areas (fractions of the face region), age, expression with probabilities (AffectNet order),
 attributes with probability above 0.5 (CelebA names), and the path of the identity embedding (.npy). Writes a PNG
 of the input with the parsing overlay, the landmarks and the labels drawn.

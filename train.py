@@ -1,4 +1,4 @@
-"""Two-stage multi-task training of Faceptor (paper Sec. 3.3 and 4.1; SPEC §7-§8), nanoGPT style.
+"""Two-stage multi-task training of Faceptor (paper Sec. 3.3 and 4.1; docs/design.md sections 6-7), nanoGPT style.
 
     python train.py --stage 1                                        # demo preset: synthetic faces, tiny model, CPU
     torchrun --standalone --nproc_per_node=2 train.py --stage 1      # the same on 2 processes (DDP, gloo on CPU)
@@ -222,7 +222,7 @@ def num_identities(dataset) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The multi-task forward: encoder once per input size, then every head on its slice (SPEC §8).
+# The multi-task forward: encoder once per input size, then every head on its slice (paper Sec. 4.1).
 
 class MultiTaskStep(nn.Module):
     """model + CosFace classifier; forward(batches) -> {head: L_t}. One DDP forward per training step."""

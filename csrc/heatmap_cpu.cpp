@@ -1,4 +1,4 @@
-// Heatmap -> coordinates, CPU kernel (SPEC §5, KERNELS.md §3; the "normalising channel k" of eq. 9).
+// Heatmap -> coordinates, CPU kernel (docs/design.md sections 4 and 10; the "normalising channel k" of eq. 9).
 //
 //   s_m = sigmoid(x_m);  S = max(sum_m s_m, 1e-6)
 //   u = sum_m s_m * col_m / S;  v = sum_m s_m * row_m / S

@@ -1,4 +1,4 @@
-// Heatmap -> coordinates, CUDA kernels (SPEC §5, KERNELS.md §3; the "normalising channel k" of eq. 9).
+// Heatmap -> coordinates, CUDA kernels (docs/design.md sections 4 and 10; the "normalising channel k" of eq. 9).
 // Same math and outputs as heatmap_cpu.cpp. Plain extern "C" launch API on a caller-given stream (torch's current
 // stream, passed from Python as an integer); includes only the CUDA runtime, no torch headers.
 //

@@ -1,14 +1,14 @@
-"""Data for Faceptor: every dataset of SPEC §2 in its native format, the paper's augmentations (SPEC §9), the
-multi-task batch composer (SPEC §8) and the built-in synthetic faces. This module is the public entry point;
-the pieces live in one file per concept and are re-exported here (formats: ../shared/DATASETS.md; tasks and
-augmentations: ../shared/SPEC.md §2, §3, §8, §9):
+"""Data for Faceptor: every dataset of the task table in its native format, the paper's augmentations, the
+multi-task batch composer and the built-in synthetic faces. This module is the public entry point; the pieces
+live in one file per concept and are re-exported here (formats, splits, labels: docs/datasets.md; tasks,
+normalisation and augmentations: docs/design.md sections 1, 2, 7, 8):
 
   dataset_io.py      errors, image / text / .mat reading, the FaceDataset base class
-  loaders_dense.py   300W, WFLW, COFW, AFLW-19, CelebAMask-HQ, LaPa          (DATASETS.md §1-7)
-  loaders_global.py  MORPH II, UTKFace, AffectNet, RAF-DB, FERPlus, CelebA, LFW-73, MS1MV3   (§8-16)
-  recordio.py        RecordIO without mxnet, verification .bin reader        (§17-18)
-  transforms.py      FaRL-style dense warps with inverse, 112-px pipeline     (SPEC §9)
-  composer.py        InfiniteSampler, MultiTaskComposer, normalisation        (SPEC §3, §8)
+  loaders_dense.py   300W, WFLW, COFW, AFLW-19, CelebAMask-HQ, LaPa
+  loaders_global.py  MORPH II, UTKFace, AffectNet, RAF-DB, FERPlus, CelebA, LFW-73, MS1MV3
+  recordio.py        RecordIO without mxnet, verification .bin reader
+  transforms.py      FaRL-style dense warps with inverse, 112-px pipeline
+  composer.py        InfiniteSampler, MultiTaskComposer, normalisation
   synthetic.py       SyntheticFaces (with synthetic_draw.py)
   conventions.py     class orders, flip permutations, expression remaps, attribute names
 
@@ -27,7 +27,7 @@ from .recordio import RecordIOReader, read_verification_bin  # noqa: F401
 from .synthetic import SyntheticFaces  # noqa: F401
 from .transforms import DenseTransform, GlobalTransform, Warp, flip_item, rand_augment, random_erasing  # noqa: F401
 
-# task name (SPEC §2) -> (loader, splits, task type)
+# task head (a key of model.TASKS) -> (loader, splits, task type)
 DATASETS = {
     "300w": (W300, ("train", "common", "challenge", "full", "test"), "landmarks"),
     "wflw": (WFLW, ("train", "test", "test_largepose", "test_expression", "test_illumination", "test_makeup",
@@ -61,7 +61,7 @@ def build_dataset(name: str, root: str, split: str, transform=None, **kwargs):
 
 
 def default_transform(name: str, train: bool, size: int = None):
-    """The paper's augmentation for dataset `name` (SPEC §9); evaluation (train=False) only aligns/resizes."""
+    """The paper's augmentation for dataset `name` (docs/design.md section 8); evaluation only aligns/resizes."""
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
     task = DATASETS[name][2]

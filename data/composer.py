@@ -1,4 +1,4 @@
-"""Multi-task batch composer (SPEC §8: "every step draws one batch from every dataset of the preset").
+"""Multi-task batch composer (paper Sec. 4.1: every step draws one batch from every dataset of the preset).
 
 - `InfiniteSampler`: per-dataset endless index batches, a pure function of (seed, epoch): each epoch is one
   permutation of the dataset, split into `world_size` disjoint contiguous slices (rank r takes slice r; the
@@ -10,7 +10,7 @@
   that accept it (`dataset.get(index, seed)`) seed their transform from it. A resumed run therefore sees exactly
   the batches, augmentations included, that it would have seen. With workers, the state counts consumed
   batches, not prefetched ones.
-Normalisation per input group (SPEC §3): the group comes from the dataset's `task_type` attribute
+Normalisation per input group (docs/design.md section 2): the group comes from the dataset's `task_type` attribute
 (landmarks/parsing -> CLIP statistics, others -> mean = std = 0.5) or from an optional 4th entry field.
 """
 import copy
@@ -107,7 +107,7 @@ def fetch_item(dataset, index: int, seed: int) -> dict:
 
 
 def normalize_images(images: torch.Tensor, group: str) -> torch.Tensor:
-    """uint8 [B,3,H,W] -> float32, (x/255 - mean)/std with the statistics of the input group (SPEC §3)."""
+    """uint8 [B,3,H,W] -> float32, (x/255 - mean)/std with the statistics of the input group."""
     mean, std = NORMALIZATION[group]
     mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)

@@ -1,12 +1,12 @@
 """Label conventions shared by the loaders, the synthetic faces and the transforms.
 
-Every table here is copied from `../shared/DATASETS.md` (section numbers in the comments) or SPEC §2-§3:
+Every table here is documented in docs/datasets.md (the dataset named in the comment) or docs/design.md:
 class orders, landmark flip permutations, expression remaps, the 40 CelebA attribute names and the
 per-input-group normalisation. Nothing here is computed; tests check the tables against their documented
 properties (involutions, remap bijections).
 """
 
-# --- Expressions (SPEC §2, DATASETS.md §13): AffectNet order is the canonical order of every expression head.
+# --- Expressions (docs/datasets.md): AffectNet order is the canonical order of every expression head.
 EXPRESSIONS = ("neutral", "happiness", "sadness", "surprise", "fear", "disgust", "anger")
 RAFDB_TO_AFFECTNET = {1: 3, 2: 4, 3: 5, 4: 1, 5: 2, 6: 6, 7: 0}          # RAF-DB label 1..7 -> AffectNet id
 FERPLUS_TO_AFFECTNET = {0: 0, 1: 1, 2: 3, 3: 2, 4: 6, 5: 5, 6: 4, 7: 7}   # FER+ column -> AffectNet id (7 = contempt)
@@ -14,7 +14,7 @@ FER2013_TO_AFFECTNET = {0: 6, 1: 5, 2: 4, 3: 1, 4: 2, 5: 3, 6: 0}         # orig
 FERPLUS_COLUMNS = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt",
                    "unknown", "NF")
 
-# --- CelebA attributes (DATASETS.md §14), index 0..39.
+# --- CelebA attributes (docs/datasets.md, CelebA), index 0..39.
 CELEBA_ATTRIBUTES = (
     "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips", "Big_Nose",
     "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows", "Chubby", "Double_Chin", "Eyeglasses",
@@ -24,7 +24,7 @@ CELEBA_ATTRIBUTES = (
     "Wearing_Necklace", "Wearing_Necktie", "Young")
 ATTR = {name: i for i, name in enumerate(CELEBA_ATTRIBUTES)}
 
-# --- Parsing classes. CelebAMask-HQ in the FaRL/Faceptor painting order (DATASETS.md §6): value k = position.
+# --- Parsing classes. CelebAMask-HQ in the FaRL/Faceptor painting order (docs/datasets.md): value k = position.
 CELEBAMASK_CLASSES = ("background", "neck", "face", "cloth", "rr", "lr", "rb", "lb", "re", "le", "nose", "imouth",
                       "llip", "ulip", "hair", "glass", "hat", "earr", "neckl")
 # mask-file part name -> class value; painting goes in increasing class value (a later part overwrites).
@@ -34,9 +34,9 @@ CELEBAMASK_PARTS = {"neck": 1, "skin": 2, "cloth": 3, "l_ear": 4, "r_ear": 5, "l
 CELEBAMASK_FLIP = (0, 1, 2, 3, 5, 4, 7, 6, 9, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18)   # 4<->5, 6<->7, 8<->9
 LAPA_CLASSES = ("background", "face_lr_rr", "lb", "rb", "le", "re", "nose", "ul", "im", "ll", "hair")
 LAPA_FLIP = (0, 1, 3, 2, 5, 4, 6, 7, 8, 9, 10)                                             # 2<->3, 4<->5
-LAPA_ALIGN_POINTS = (104, 105, 54, 84, 90)      # eye centres, nose tip, mouth corners (DATASETS.md §7)
+LAPA_ALIGN_POINTS = (104, 105, 54, 84, 90)      # eye centres, nose tip, mouth corners (LaPa's 106 points)
 
-# --- Landmark flip permutations (DATASETS.md §5, 0-based): new[i] = old[p[i]] after mirroring x.
+# --- Landmark flip permutations (0-based, docs/datasets.md): new[i] = old[p[i]] after mirroring x.
 FLIP_68 = (16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17,
            27, 28, 29, 30, 35, 34, 33, 32, 31, 45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40,
            54, 53, 52, 51, 50, 49, 48,
@@ -50,7 +50,7 @@ FLIP_29 = (1, 0, 3, 2, 6, 7, 4, 5, 9, 8, 11, 10, 14, 15, 12, 13, 17, 16, 19, 18,
 FLIP_19 = (5, 4, 3, 2, 1, 0, 11, 10, 9, 8, 7, 6, 14, 13, 12, 17, 16, 15, 18)
 LANDMARK_FLIP = {68: FLIP_68, 98: FLIP_98, 29: FLIP_29, 19: FLIP_19}
 
-# --- Input groups and normalisation (SPEC §3): 512-px (dense) tasks use CLIP statistics, 112-px tasks 0.5/0.5.
+# --- Input groups and normalisation (docs/design.md): 512-px (dense) tasks use CLIP statistics, 112-px 0.5/0.5.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF_MEAN = (0.5, 0.5, 0.5)

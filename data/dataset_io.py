@@ -1,7 +1,7 @@
-"""Reading primitives shared by the dataset loaders (../shared/DATASETS.md): errors, images, text lines, `.mat` files,
+"""Reading primitives shared by the dataset loaders (docs/datasets.md): errors, images, text lines, `.mat` files,
 and the common dataset base class.
 
-- Errors name the file, the line or field, and what was expected (STYLE.md item 6). A missing root or file lists
+- Errors name the file, the line or field, and what was expected. A missing root or file lists
   the layout the loader expects.
 - Images decode with PIL to RGB uint8 [3,H,W]; a corrupt or truncated file raises an error naming it, or, with
   `skip_corrupt=True`, is skipped: the item at the next index is returned and `dataset.skipped` counts skips

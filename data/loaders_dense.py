@@ -1,5 +1,5 @@
-"""Loaders for the dense tasks in their native formats (../shared/DATASETS.md): 300W, WFLW, COFW, AFLW-19 (§1-5)
-and CelebAMask-HQ, LaPa (parsing, §6-7). Items (transform=None): `image` uint8 [3,H,W], `landmarks` float32 [K,2]
+"""Loaders for the dense tasks in their native formats (docs/datasets.md): 300W, WFLW, COFW, AFLW-19
+(landmarks) and CelebAMask-HQ, LaPa (parsing). Items (transform=None): `image` uint8 [3,H,W], `landmarks` float32 [K,2]
 0-based pixel coordinates of that image, `box` float32 [4] as (x1, y1, x2, y2), `mask` int64 [H,W].
 
 Conventions and divergences:

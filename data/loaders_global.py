@@ -1,5 +1,5 @@
-"""Loaders for the 112-px tasks in their native formats (../shared/DATASETS.md §8-16): MORPH II and UTKFace (age),
-AffectNet, RAF-DB and FERPlus (expression, remapped to AffectNet order, §13), CelebA and LFW-73 (attributes),
+"""Loaders for the 112-px tasks in their native formats (docs/datasets.md): MORPH II and UTKFace (age),
+AffectNet, RAF-DB and FERPlus (expression, remapped to AffectNet order), CelebA and LFW-73 (attributes),
 MS1MV3 (identity, RecordIO via recordio.py). Items (transform=None): `image` uint8 [3,H,W] plus `age` float,
 `expression` int, `attributes` int64 [N] (1/0), or `identity` int; AffectNet also `box` and `landmarks`.
 

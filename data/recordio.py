@@ -1,11 +1,11 @@
 """MXNet RecordIO (`.rec` + `.idx`) and insightface verification `.bin` files without mxnet.
 
-Implements ../shared/DATASETS.md §17 (byte format of dmlc-core RecordIO, IRHeader packing of mxnet, insightface's header
-and identity records) and §18 (the `.bin` pickle). Divergences: none in format. The reader opens its file lazily
-and once per process (the handle is dropped when the object is pickled into a DataLoader worker), so random
-access works from several workers. `.bin` files are read through a restricted unpickler that allows no global
-except the two that Python-3 protocol-2 pickles of `bytes` need (`_codecs.encode`, `builtins.bytes`); anything
-else (any other class or function reference) is refused before it is resolved.
+Implements the formats of docs/datasets.md, "Recognition": the byte format of dmlc-core RecordIO, mxnet's IRHeader
+packing, insightface's header and identity records, and the `.bin` pickle. Divergences: none in format. The reader
+opens its file lazily and once per process (the handle is dropped when the object is pickled into a DataLoader
+worker), so random access works from several workers. `.bin` files are read through a restricted unpickler that
+allows no global except the two that Python-3 protocol-2 pickles of `bytes` need (`_codecs.encode`,
+`builtins.bytes`); anything else (any other class or function reference) is refused before it is resolved.
 """
 import os
 import pickle

@@ -1,6 +1,6 @@
 """SyntheticFaces: the project's built-in face world with exact labels for every Faceptor task type.
 
-Not in the paper: it lets the whole pipeline (six task types, SPEC §2) train and be evaluated on a CPU with no
+Not in the paper: it lets the whole pipeline (six task types, docs/design.md) train and be evaluated on a CPU with no
 downloaded data. Faces are drawn on the fly with PIL (synthetic_draw.py), deterministic by (seed, split, index),
 at any size (48 ... 512 px). Each item carries every label in the conventions of the real datasets:
   image uint8 [3,S,S]; landmarks float32 [68,2] (300W layout, 0-based pixels, exactly on the drawn features);

@@ -1,4 +1,4 @@
-"""Transforms of SPEC §9 on PIL/torch (no torchvision): FaRL-style dense warps with their inverse, and the 112-px
+"""Transforms of paper Sec. 4.1 on PIL/torch (no torchvision): FaRL-style dense warps with their inverse, and the 112-px
 pipeline (resize, horizontal flip, RandAugment 2 ops magnitude 9 std 0.5, Random Erasing p 0.25).
 
 Every transform is `transform(item, generator) -> item` and draws its randomness only from the torch.Generator
@@ -10,7 +10,7 @@ size S; with Tanh-warping (Lin et al. 2019; factor w = 0.8 for LaPa) the output 
 to the aligned coordinate n by u = tanh(w n) / w, so the aligned square fills the centre and the surroundings
 are compressed towards the border. `Warp.points` / `Warp.inverse_points` map landmarks both ways (exact inverses);
 `Warp.inverse_image` takes predictions (heatmaps, logits, masks) back to the original image for evaluation.
-Random ranges (SPEC §9): landmarks rotation U(+-10 deg), scale U(0.8 +- 0.1) (AFLW-19 1.0 +- 0.1), shift
+Random ranges (docs/design.md): landmarks rotation U(+-10 deg), scale U(0.8 +- 0.1) (AFLW-19 1.0 +- 0.1), shift
 U(+-0.05)·S; parsing rotation N(0, 0.314 rad), scale N(1, 0.1), shift U(+-0.01)·S.
 Divergences [ours, FaRL's exact values are not documented here]: occlusion p 0.3 (landmarks only, a box of
 10-40 % of S filled with a colour or noise), noise blend p 0.25 (weight U(0, 0.3)), gray p 0.2, gamma p 0.2
@@ -240,7 +240,7 @@ class DenseTransform:
 
 # ============================================================================================ 112-px
 def flip_item(item: dict, mask_flip=CELEBAMASK_FLIP) -> dict:
-    """Horizontal flip: image, landmarks (x -> W-1-x, then the set's permutation of DATASETS.md §5), box, mask
+    """Horizontal flip: image, landmarks (x -> W-1-x, then the set's permutation of LANDMARK_FLIP), box, mask
     (left/right class swap `mask_flip`: CELEBAMASK_FLIP by default, conventions.LAPA_FLIP for LaPa).
     Attributes, age, expression and identity do not change under a flip."""
     out = dict(item)

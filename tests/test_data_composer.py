@@ -1,4 +1,4 @@
-"""Infinite samplers and the multi-task batch composer: determinism, sharding, exact resume (SPEC §8)."""
+"""Infinite samplers and the multi-task batch composer: determinism, sharding, exact resume (paper Sec. 4.1)."""
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st

@@ -1,4 +1,4 @@
-"""RecordIO without mxnet and verification .bin files (DATASETS.md §17-18)."""
+"""RecordIO without mxnet and verification .bin files (docs/datasets.md, "Recognition")."""
 import io
 import os
 import pickle
@@ -60,7 +60,7 @@ def test_recordio_round_trip_with_magic_inside(tmp_path_factory, parts, label):
 def test_idx_offsets_and_header_record(tmp_path):
     images = fx.write_ms1m(str(tmp_path))
     lines = (tmp_path / "train.idx").read_text().splitlines()
-    assert lines[0] == "0\t0" and lines[1] == "1\t40"                # header record: 8 + 24 + 2*4 bytes (§17)
+    assert lines[0] == "0\t0" and lines[1] == "1\t40"                # header record: 8 + 24 + 2*4 bytes
     reader = RecordIOReader(str(tmp_path / "train.rec"), str(tmp_path / "train.idx"))
     flag, label, _, _, _ = reader.header(0)
     assert flag == 2 and label.tolist() == [7.0, 10.0]               # A = 6 images + 1, B = A + 3 identities

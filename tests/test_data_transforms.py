@@ -1,4 +1,4 @@
-"""Dense warps and their inverse, flips, RandAugment, Random Erasing, normalisation (SPEC §3, §9)."""
+"""Dense warps and their inverse, flips, RandAugment, Random Erasing, normalisation (docs/design.md sections 2, 8)."""
 import math
 
 import numpy as np

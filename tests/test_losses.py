@@ -1,4 +1,4 @@
-"""Losses (SPEC §7, paper eqs. (8)-(14)) against values computed by hand or by explicit scalar formulas."""
+"""Losses (paper eqs. (8)-(14); docs/design.md) against values computed by hand or by explicit scalar formulas."""
 import math
 
 import numpy as np

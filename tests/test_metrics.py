@@ -1,4 +1,4 @@
-"""Metric functions of evaluate.py (DATASETS.md §1-§7, §14, §18) against hand-computed cases."""
+"""Metric functions of metrics.py (docs/datasets.md, "Metrics") against hand-computed cases."""
 import math
 
 import numpy as np

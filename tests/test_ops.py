@@ -21,7 +21,7 @@ CSRC = os.path.join(ROOT, "csrc")
 
 
 def assert_close_normwise(actual, expected, rtol, atol=None, what=""):
-    """||a - b|| <= rtol ||b|| + atol sqrt(n) (KERNELS.md §4); prints max/mean abs difference on failure."""
+    """||a - b|| <= rtol ||b|| + atol sqrt(n) (docs/design.md section 10); prints max/mean abs difference on failure."""
     atol = rtol if atol is None else atol
     a, b = actual.detach().double().cpu(), expected.detach().double().cpu()
     assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
