@@ -26,7 +26,7 @@ from .dataset_io import DatasetError, FaceDataset, decode_image  # noqa: F401
 from .loaders_dense import AFLW19, COFW, LaPa, CelebAMaskHQ, W300, WFLW  # noqa: F401
 from .loaders_global import AffectNet, CelebA, FERPlus, LFW73, MS1MV3, Morph2, RAFDB, UTKFace  # noqa: F401
 from .loaders_extra import COFWVisibility, FairFace, UTKFaceDemographics  # noqa: F401
-from .loaders_pose import AFLW2000, PoseTransform, W300LP, flip_pose  # noqa: F401
+from .loaders_pose import AFLW2000, PoseTransform, W300LP, flip_pose, nose_direction, pose_rotation  # noqa: F401
 from .recordio import RecordIOReader, read_verification_bin  # noqa: F401
 from .synthetic import SyntheticFaces  # noqa: F401
 from .transforms import DenseTransform, GlobalTransform, Warp, flip_item, rand_augment, random_erasing  # noqa: F401

@@ -56,16 +56,16 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF_MEAN = (0.5, 0.5, 0.5)
 HALF_STD = (0.5, 0.5, 0.5)
-TASK_TYPES = ("landmarks", "parsing", "age", "expression", "attributes", "recognition",
-              "pose", "visibility", "gender", "race")
+TASK_TYPES = ("landmarks", "parsing", "age", "expression", "attributes", "recognition")
+EXTRA_TASK_TYPES = ("pose", "visibility", "gender", "race")          # beyond the paper (tables at the end)
 DENSE_TYPES = ("landmarks", "parsing", "visibility")     # visibility reads the 512-px landmark crops
 NORMALIZATION = {"dense": (CLIP_MEAN, CLIP_STD), "global": (HALF_MEAN, HALF_STD)}
 
 
 def input_group(task_type: str) -> str:
     """'dense' (512-px group: landmarks, parsing) or 'global' (112-px group: everything else)."""
-    if task_type not in TASK_TYPES:
-        raise ValueError(f"unknown task type {task_type!r}; expected one of {TASK_TYPES}")
+    if task_type not in TASK_TYPES + EXTRA_TASK_TYPES:
+        raise ValueError(f"unknown task type {task_type!r}; expected one of {TASK_TYPES + EXTRA_TASK_TYPES}")
     return "dense" if task_type in DENSE_TYPES else "global"
 
 

@@ -149,6 +149,30 @@ class AFLW2000(PoseDataset):
         self._add(pairs, max_angle)
 
 
+def pose_rotation(pose) -> np.ndarray:
+    """(yaw, pitch, roll) degrees -> the head's rotation R [3, 3] in the 3DMM frame of 300W-LP's fits: x to image
+    right, y up, z towards the viewer; a point v of the frontal head moves to R v. R = R_x(pitch) R_y(yaw) R_z(roll)
+    with R_x(a) = [[1, 0, 0], [0, c, s], [0, -s, c]], R_y(a) = [[c, 0, -s], [0, 1, 0], [s, 0, c]],
+    R_z(a) = [[c, s, 0], [-s, c, 0], [0, 0, 1]] (c = cos a, s = sin a). The nose axis R (0, 0, 1) then points to
+    image left for yaw > 0 and up for pitch > 0, and the ear-to-ear axis R (1, 0, 0) turns clockwise for roll > 0."""
+    yaw, pitch, roll = (math.radians(float(a)) for a in np.asarray(pose, np.float64).ravel()[:3])
+
+    def cs(a):
+        return math.cos(a), math.sin(a)
+    (cp, sp), (cy, sy), (cr, sr) = cs(pitch), cs(yaw), cs(roll)
+    rx = np.array([[1, 0, 0], [0, cp, sp], [0, -sp, cp]])
+    ry = np.array([[cy, 0, -sy], [0, 1, 0], [sy, 0, cy]])
+    rz = np.array([[cr, sr, 0], [-sr, cr, 0], [0, 0, 1]])
+    return rx @ ry @ rz
+
+
+def nose_direction(pose) -> np.ndarray:
+    """Image-plane direction (dx, dy; y down) of the nose axis of a head at `pose` (degrees); length sin(angle off
+    the viewing axis). (0, 0) for a frontal face; e.g. yaw 30 -> (-0.5, 0)."""
+    d = pose_rotation(pose) @ np.array([0.0, 0.0, 1.0])
+    return np.array([d[0], -d[1]])
+
+
 def flip_pose(item: dict) -> dict:
     """Mirror the image left-right: yaw and roll change sign, pitch stays (data.conventions.POSE_FLIP_SIGN)."""
     out = dict(item)

@@ -1,5 +1,6 @@
 """Loaders of the task types beyond the paper read fixtures written in their native formats (tests/fixtures_extra.py)
 and return what was written; bad input names the file, the field and what was expected."""
+import math
 import os
 
 import numpy as np
@@ -192,3 +193,29 @@ def test_default_transform_and_collate(tmp_path, name, split, writer, keys, trai
     assert batch["image"].shape == (len(ds), 3, size, size) and batch["image"].dtype == torch.float32
     for k, shape in keys.items():
         assert tuple(batch[k].shape) == (len(ds),) + shape, k
+
+
+# -- the pose convention -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pose,direction", [
+    ((30.0, 0.0, 0.0), (-0.5, 0.0)),            # yaw > 0: the nose points to image left (the subject's right)
+    ((-30.0, 0.0, 0.0), (0.5, 0.0)),
+    ((0.0, 30.0, 0.0), (0.0, -0.5)),            # pitch > 0: looking up (image y points down)
+    ((0.0, 0.0, 40.0), (0.0, 0.0)),             # roll alone keeps the nose on the viewing axis
+])
+def test_nose_direction_follows_the_stated_convention(pose, direction):
+    np.testing.assert_allclose(data.nose_direction(pose), direction, atol=1e-12)
+
+
+def test_roll_turns_clockwise_and_flip_rule_matches_the_rotation():
+    r = data.pose_rotation((0.0, 0.0, 30.0)) @ np.array([1.0, 0.0, 0.0])     # ear-to-ear axis, y up
+    np.testing.assert_allclose(r, [math.cos(math.pi / 6), -0.5, 0.0], atol=1e-12)  # goes down on the right
+    mirror = np.diag([-1.0, 1.0, 1.0])                                         # left-right flip of the 3D frame
+    for pose in ((25.0, -10.0, 7.0), (-60.0, 35.0, -20.0)):
+        flipped = flip_pose({"image": torch.zeros(3, 2, 2), "pose": torch.tensor(pose)})["pose"].tolist()
+        np.testing.assert_allclose(mirror @ data.pose_rotation(pose) @ mirror, data.pose_rotation(flipped), atol=1e-6)
+
+
+def test_input_groups_of_new_types():
+    assert data.input_group("visibility") == "dense"
+    assert {data.input_group(t) for t in ("pose", "gender", "race")} == {"global"}
