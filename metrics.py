@@ -272,7 +272,8 @@ def pose_mae(pred, target) -> dict:
     """{'yaw', 'pitch', 'roll', 'mean'}: mean absolute error in degrees per angle of pred, target [N, 3]."""
     p, t = _np(pred), _np(target)
     if p.shape != t.shape or p.ndim != 2 or p.shape[1] != 3:
-        raise ValueError(f"pose_mae: pred and target must both be [N, 3] (yaw, pitch, roll), got {p.shape} and {t.shape}")
+        raise ValueError(f"pose_mae: pred and target must both be [N, 3] (yaw, pitch, roll), "
+                         f"got {p.shape} and {t.shape}")
     per_angle = np.abs(p - t).mean(0)                                                  # [3]
     return {"yaw": float(per_angle[0]), "pitch": float(per_angle[1]), "roll": float(per_angle[2]),
             "mean": float(per_angle.mean())}

@@ -66,7 +66,8 @@ def build_dataset(name: str, root: str, split: str, transform=None, **kwargs):
 
     With transform=None items are untransformed dicts (see the loader modules); a transform is a callable
     (item, torch.Generator) -> item such as `default_transform(name, train)`. Extra keyword arguments go to the
-    loader (e.g. `skip_corrupt=True`, AFLW-19 `n_train`, MORPH II / UTKFace `test_fold`).
+    loader (e.g. `skip_corrupt=True`, AFLW-19 `n_train`, MORPH II / UTKFace `test_fold`, 300W-LP `flipped`,
+    AFLW2000-3D / 300W-LP `max_angle`, UTKFace gender / race `strict`).
     """
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")

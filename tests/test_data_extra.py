@@ -133,6 +133,21 @@ def test_utkface_gender_race_from_file_names(tmp_path):
     assert len(errors) == 1 and "30_0_7_20170109142408076.jpg" in errors[0] and "<race 0-4>" in errors[0]
 
 
+def test_utkface_gender_race_in_the_csv_list_layout(tmp_path):
+    """label/{train,test}.csv + data/<name>.chip.jpg: the lists name the files, the names carry the labels."""
+    names = list(write_utk_demographics(str(tmp_path / "src")).items())
+    os.makedirs(tmp_path / "label")
+    for split, part in (("train", names[:4]), ("test", names[4:])):
+        with open(tmp_path / "label" / f"{split}.csv", "w") as f:
+            f.write(",filename,age,database\n" + "".join(f"{i},{n},{a},utk\n" for i, (n, (a, _, _)) in enumerate(part)))
+        for n, _ in part:
+            os.renames(tmp_path / "src" / "UTKFace" / (n + ".chip.jpg"), tmp_path / "data" / (n + ".chip.jpg"))
+    for split, part in (("train", names[:4]), ("test", names[4:])):
+        ds = data.build_dataset("utkface_gender", str(tmp_path), split)
+        got = [(ds.raw(i)["age"], ds.raw(i)["gender"], ds.raw(i)["race"]) for i in range(len(ds))]
+        assert got == [(float(a), g, r) for _, (a, g, r) in part]
+
+
 def test_fairface_reads_csv_labels(tmp_path):
     write_fairface(str(tmp_path))
     for split, part in (("train", "train"), ("val", "val"), ("test", "val")):
