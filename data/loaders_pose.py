@@ -192,6 +192,9 @@ class PoseTransform:
         self.size, self.train, self.margin, self.erasing = size, train, margin, erasing
 
     def __call__(self, item: dict, g: torch.Generator) -> dict:
+        if "box" not in item or "pose" not in item:
+            raise ValueError(f"PoseTransform: the item needs 'box' (x1, y1, x2, y2) and 'pose' (yaw, pitch, roll), "
+                             f"got fields {sorted(item)}")
         x1, y1, x2, y2 = item["box"].double().tolist()
         m = self.margin + (0.2 * _u(g) - 0.1 if self.train else 0.0)
         side = (1 + 2 * m) * max(x2 - x1, y2 - y1, 1.0)
