@@ -38,7 +38,7 @@ from heads import DenseOutput, IdentityOutput, MLCAHead, UperNetHead, ValueOutpu
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Task table (SPEC §2, plus the types beyond the paper). Adding a task head = one entry here.
+# Task table (SPEC §2). Adding a task head = one entry here.
 
 class TaskSpec(NamedTuple):
     type: str          # one of TASK_TYPES
