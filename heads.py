@@ -5,6 +5,13 @@ Faceptor's output modules are shared by all task heads of a type (docs/design.md
   * `ValueOutput`: Linear(256 -> 1) on every task token -> [B, N_t] (age bins, expression classes, attributes).
   * `IdentityOutput`: F^12 tokens -> LayerNorm -> mean -> Linear -> BN -> Linear -> BN -> embedding.
   * `age_readout`: p = sigmoid(y) / sum(sigmoid(y)) over the 101 bins (not softmax), age = sum_k k p_k.
+  * `value_readout`: the output dict of every type read through `ValueOutput` (one value per task token).
+
+Task types beyond the paper read their tokens through the same `ValueOutput` (no new parameters but the queries):
+  * pose (3 tokens: yaw, pitch, roll): degrees = POSE_SCALE_DEG * value [ours: a fixed scale keeps the shared
+    Linear's outputs near unit size, as for the other types];
+  * visibility (one token per landmark): the value is the logit that the point is occluded; p = sigmoid;
+  * gender, race: class logits, as for expression.
 
 Naive Faceptor (one head per task type, no sharing between types; docs/design.md section 5):
   * `UperNetHead`: FaRL-style adapters on layers 4, 6, 8, 12, then UperNet (PPM (1,2,3,6) + FPN, 512 channels).
@@ -55,6 +62,26 @@ def age_readout(logits: torch.Tensor):
     probs = s / s.sum(-1, keepdim=True)
     ages = torch.arange(logits.shape[-1], dtype=probs.dtype, device=probs.device)
     return probs, (probs * ages).sum(-1)
+
+
+POSE_SCALE_DEG = 90.0      # pose read-out: degrees per unit of the value head's output [ours]
+
+
+def value_readout(kind: str, logits: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The output dict of a value-read task type from the value logits [B, N_t].
+
+    age: `probs`, `age`, `logits`; pose: `pose` [B, 3] degrees (yaw, pitch, roll) and `logits`;
+    visibility: `occluded` [B, N] probability that each point is occluded and `logits`;
+    expression, attributes, gender, race: `logits`.
+    """
+    if kind == "age":
+        probs, age = age_readout(logits)
+        return {"probs": probs, "age": age, "logits": logits}
+    if kind == "pose":
+        return {"pose": POSE_SCALE_DEG * logits, "logits": logits}                    # [B, 3] degrees
+    if kind == "visibility":
+        return {"occluded": torch.sigmoid(logits), "logits": logits}                  # [B, N]
+    return {"logits": logits}
 
 
 class IdentityOutput(nn.Module):

@@ -16,6 +16,15 @@ Where the authors' code differs from the appendix, we follow the code (their rep
   batch size.
 - Recognition, eq. (14): CosFace with cos computed as <x, W_j> / max(||x|| ||W_j||, 1e-8), s = 64, m = 0.4.
 - Objective, eq. (8): sum_t alpha_t L_t / sum_t alpha_t over the heads present in one step.
+
+Task types beyond the paper (ours; no equation numbers):
+- Head pose: L1 error in degrees, averaged over (yaw, pitch, roll) and the batch, divided by the read-out scale
+  heads.POSE_SCALE_DEG (90), so the loss is the mean absolute error in units of 90 degrees. L1 rather than
+  smooth-L1: it is the benchmark's metric (MAE) itself and does not grow quadratically on the large-angle outliers
+  of 300W-LP's fitted poses; the scale keeps its gradient on the shared value head near that of the other heads.
+- Landmark visibility: BCE-with-logits on the occlusion logit, target 1 = occluded (1 - `visible`); points
+  labelled -1 (unknown) are ignored; mean over the known points.
+- Gender, race: softmax cross-entropy (the expression loss, eq. (12), on another label field).
 """
 import math
 
@@ -24,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ops
+from heads import POSE_SCALE_DEG
 
 AGE_BINS = 101          # ages 0..100
 AGE_SIGMA = 2.0         # std of the DLDL-v2 target distribution
@@ -99,6 +109,37 @@ def parsing_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def expression_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """Eq. (12): softmax cross-entropy over the expression classes, mean over the batch. logits [B,7], label [B]."""
     return F.cross_entropy(logits.float(), label.long())                               # Eq. (12)
+
+
+def classification_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy, mean over the batch (gender, race; the form of eq. (12)). logits [B,C], label [B]."""
+    if logits.dim() != 2 or label.shape != logits.shape[:1]:
+        raise ValueError(f"classification_loss: expected logits [B, C] and label [B], "
+                         f"got {tuple(logits.shape)} and {tuple(label.shape)}")
+    return F.cross_entropy(logits.float(), label.long())
+
+
+def pose_loss(pose: torch.Tensor, target: torch.Tensor, scale: float = POSE_SCALE_DEG) -> torch.Tensor:
+    """Mean |pose - target| over (yaw, pitch, roll) and the batch, divided by `scale`. Both [B,3] in degrees."""
+    if pose.dim() != 2 or pose.shape[1] != 3 or target.shape != pose.shape:
+        raise ValueError(f"pose_loss: expected pose and target [B, 3] (yaw, pitch, roll in degrees), "
+                         f"got {tuple(pose.shape)} and {tuple(target.shape)}")
+    return (pose.float() - target.to(pose.device).float()).abs().mean() / scale
+
+
+def visibility_loss(logits: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits of the occlusion logits [B,N] against 1 - visible [B,N] (1 visible, 0 occluded, -1 unknown,
+    ignored); mean over the known points (0 when none is known)."""
+    if logits.dim() != 2 or visible.shape != logits.shape:
+        raise ValueError(f"visibility_loss: logits and visible must both be [B, N_points], "
+                         f"got {tuple(logits.shape)} and {tuple(visible.shape)}")
+    logits = logits.float()
+    visible = visible.to(logits.device)
+    known = visible != -1                                                              # [B, N]
+    occluded = torch.where(known, 1 - visible, torch.zeros_like(visible)).to(logits.dtype)
+    per_point = F.binary_cross_entropy_with_logits(logits, occluded, reduction="none")
+    per_point = torch.where(known, per_point, torch.zeros_like(per_point))
+    return per_point.sum() / known.sum().clamp_min(1)
 
 
 def attribute_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -219,7 +260,8 @@ def pixels_to_normalised(points: torch.Tensor, height: int, width: int) -> torch
     return (points + 0.5) / scale
 
 
-TASK_TYPES = ("landmarks", "parsing", "age", "expression", "attributes", "recognition")
+TASK_TYPES = ("landmarks", "parsing", "age", "expression", "attributes", "recognition",
+              "pose", "visibility", "gender", "race")
 
 
 def task_loss(task_type: str, outputs: dict, batch: dict, cosface: CosFace | None = None) -> torch.Tensor:
@@ -232,6 +274,9 @@ def task_loss(task_type: str, outputs: dict, batch: dict, cosface: CosFace | Non
     expression: outputs `logits` [B,7]; batch `expression` [B].
     attributes: outputs `logits` [B,N]; batch `attributes` [B,N] in {1, 0, -1}.
     recognition: outputs `embedding` [B,512]; batch `identity` [B]; needs the `cosface` module.
+    pose: outputs `pose` [B,3] degrees (yaw, pitch, roll); batch `pose` [B,3] degrees.
+    visibility: outputs `logits` [B,N] occlusion logits; batch `visible` [B,N] in {1, 0, -1}.
+    gender, race: outputs `logits` [B,C]; batch `gender` / `race` [B] class ids.
     """
     def need(d, key, where):
         if key not in d:
@@ -259,4 +304,11 @@ def task_loss(task_type: str, outputs: dict, batch: dict, cosface: CosFace | Non
         if cosface is None:
             raise ValueError("task_loss('recognition'): pass the CosFace module as cosface=")
         return cosface(need(outputs, "embedding", "outputs"), need(batch, "identity", "batch"))
+    if task_type == "pose":
+        return pose_loss(need(outputs, "pose", "outputs"), need(batch, "pose", "batch"))
+    if task_type == "visibility":
+        return visibility_loss(need(outputs, "logits", "outputs"), need(batch, "visible", "batch"))
+    if task_type in ("gender", "race"):
+        logits = need(outputs, "logits", "outputs")
+        return classification_loss(logits, need(batch, task_type, "batch").to(logits.device))
     raise ValueError(f"task_loss: unknown task type {task_type!r}; expected one of {TASK_TYPES}")

@@ -251,3 +251,61 @@ def verification_accuracy(emb_a, emb_b, issame, folds: int = 10) -> tuple[float,
         accs.append(correct[best, test].mean())
     accs = np.asarray(accs)
     return float(accs.mean()), float(accs.std())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Task types beyond the paper: head pose, landmark visibility (gender and race use `accuracy`)
+# ---------------------------------------------------------------------------------------------------------------
+#
+# Head pose: the absolute error of each angle in degrees (yaw, pitch, roll; order and signs of
+# data.conventions.POSE_ANGLES), averaged over images; `mean` is the mean of the three MAEs (the "MAE" column of
+# head-pose tables). Angles are compared as numbers, without wrap-around (the benchmarks keep |angle| < 99 deg).
+#
+# Landmark visibility, recall at a fixed precision (COFW's occlusion protocol): the positive class is "occluded";
+# every (image, point) with a known label is one instance, pooled over the test set; labels -1 are left out. A
+# threshold t calls an instance occluded iff its score >= t. Only the distinct scores are used as thresholds, so
+# tied instances always fall on the same side together. Over these thresholds, precision = TP / (TP + FP) and
+# recall = TP / P; the result is the largest recall among thresholds whose precision is >= the target precision,
+# and 0 when no threshold reaches it. NaN when the labels hold no occluded instance (recall undefined).
+
+def pose_mae(pred, target) -> dict:
+    """{'yaw', 'pitch', 'roll', 'mean'}: mean absolute error in degrees per angle of pred, target [N, 3]."""
+    p, t = _np(pred), _np(target)
+    if p.shape != t.shape or p.ndim != 2 or p.shape[1] != 3:
+        raise ValueError(f"pose_mae: pred and target must both be [N, 3] (yaw, pitch, roll), "
+                         f"got {p.shape} and {t.shape}")
+    per_angle = np.abs(p - t).mean(0)                                                  # [3]
+    return {"yaw": float(per_angle[0]), "pitch": float(per_angle[1]), "roll": float(per_angle[2]),
+            "mean": float(per_angle.mean())}
+
+
+def recall_at_precision(scores, occluded, precision: float = 0.8) -> float:
+    """Largest recall of the 'occluded' class among score thresholds reaching `precision` (rules above).
+
+    scores: any shape, higher = more likely occluded (probabilities or logits); occluded: the same shape, 1
+    occluded, 0 visible, -1 unknown (left out).
+    """
+    s, y = _np(scores).reshape(-1), _np(occluded).reshape(-1)
+    if s.shape != y.shape:
+        raise ValueError(f"recall_at_precision: scores and labels differ in size ({s.size} vs {y.size})")
+    if not 0 < precision <= 1:
+        raise ValueError(f"recall_at_precision: precision must lie in (0, 1], got {precision}")
+    known = y != -1
+    s, y = s[known], y[known] == 1
+    positives = int(y.sum())
+    if positives == 0:
+        return float("nan")
+    order = np.argsort(-s, kind="stable")
+    s, y = s[order], y[order]
+    last_of_tie = np.r_[s[1:] != s[:-1], True]                                         # end of each equal-score run
+    tp = np.cumsum(y)[last_of_tie]                                                     # [T] at each threshold
+    called = (np.nonzero(last_of_tie)[0] + 1).astype(np.float64)                       # TP + FP
+    ok = tp / called >= precision - 1e-12
+    return float(tp[ok].max() / positives) if ok.any() else 0.0
+
+
+def visibility_recall(occlusion_scores, visible, precision: float = 0.8) -> float:
+    """`recall_at_precision` with labels given as `visible` (1 visible, 0 occluded, -1 unknown), as the loaders
+    store them."""
+    v = _np(visible)
+    return recall_at_precision(occlusion_scores, np.where(v == -1, -1, 1 - v), precision)

@@ -16,6 +16,11 @@ Divergences from the paper (each also listed in docs/design.md, sections 12-13):
 Training choice of ours: train.py starts stage 2 with `init_stage2` (new projections = copies of the
 layer-12 one, each head's L_t rows equal), so stage 2 begins next to the stage-1 function.
 Checkpoint loading and conversion live in checkpoint.py.
+
+Beyond the paper: task types pose (yaw, pitch, roll), visibility (per-landmark occlusion), gender and race, each a
+TASKS entry read through the shared `value_head` (heads.value_readout); they are in neither preset, so the paper's
+models, parameter counts and outputs are unchanged. Adding a head of an existing type is one TASKS entry; a new
+type also needs its read-out (heads.value_readout), its loss (losses.task_loss) and its metric (metrics.py).
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import torch.nn.functional as F
 
 import ops
 from decoder import AnchorPosition, PixelDecoder, Projection, QueryGroup, TaskQueries, TransformerDecoder
-from heads import DenseOutput, IdentityOutput, MLCAHead, UperNetHead, ValueOutput, age_readout
+from heads import DenseOutput, IdentityOutput, MLCAHead, UperNetHead, ValueOutput, value_readout
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -40,8 +45,9 @@ from heads import DenseOutput, IdentityOutput, MLCAHead, UperNetHead, ValueOutpu
 # in docs/design.md ("Adding a task head"); tests/test_vocabulary.py checks every per-task table against this one.
 
 class TaskSpec(NamedTuple):
-    type: str          # landmarks | parsing | age | expression | attributes | recognition
-    queries: int       # N_t (landmark points, parsing classes incl. background, age bins, classes, attributes)
+    type: str          # one of TASK_TYPES
+    queries: int       # N_t (landmark points, parsing classes incl. background, age bins, classes, attributes,
+                       # 3 pose angles, points whose visibility is predicted)
     size: int          # input size group in the paper: 512 (dense tasks) or 112 (the rest)
 
 
@@ -60,8 +66,16 @@ TASKS: Dict[str, TaskSpec] = {
     "celeba": TaskSpec("attributes", 40, 112),
     "lfw73": TaskSpec("attributes", 73, 112),
     "ms1mv3": TaskSpec("recognition", 0, 112),
+    # Task types beyond the paper (not in BASE_TASKS / FULL_TASKS); each reads its tokens through `value_head`.
+    "300wlp": TaskSpec("pose", 3, 112),                  # yaw, pitch, roll (degrees); tested on AFLW2000-3D
+    "cofw_visibility": TaskSpec("visibility", 29, 512),  # one occlusion logit per COFW point
+    "utkface_gender": TaskSpec("gender", 2, 112),        # male, female
+    "utkface_race": TaskSpec("race", 5, 112),            # White, Black, Asian, Indian, Others
+    "fairface_gender": TaskSpec("gender", 2, 112),
+    "fairface_race": TaskSpec("race", 7, 112),           # FairFace's seven groups (data.conventions)
 }
-TASK_TYPES = ("landmarks", "parsing", "age", "expression", "attributes", "recognition")
+TASK_TYPES = ("landmarks", "parsing", "age", "expression", "attributes", "recognition",
+              "pose", "visibility", "gender", "race")
 BASE_TASKS = ("300w", "celebamask_hq", "morph2", "affectnet", "rafdb", "celeba", "ms1mv3")
 FULL_TASKS = ("300w", "wflw", "cofw", "aflw19", "celebamask_hq", "lapa", "morph2", "utkface",
               "affectnet", "rafdb", "ferplus", "celeba", "ms1mv3")
@@ -331,10 +345,7 @@ class Faceptor(nn.Module):
                 return {"heatmap": logits, "coords": ops.heatmap_to_coords(logits)}
             return {"logits": F.interpolate(logits, size=size, mode="bilinear", align_corners=False)}
         logits = self.value_head(tokens)                                                # [B, N_t]
-        if kind == "age":
-            probs, age = age_readout(logits)
-            return {"probs": probs, "age": age, "logits": logits}
-        return {"logits": logits}
+        return value_readout(kind, logits)
 
     # -- forward -------------------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, task: str) -> Dict[str, torch.Tensor]:
@@ -458,7 +469,8 @@ def init_stage2(model: Faceptor) -> None:
 # Naive Faceptor (appendix A.2)
 
 NAIVE_HEAD_TYPES = {"landmarks": "dense", "parsing": "dense", "age": "mlca", "expression": "mlca",
-                    "attributes": "mlca", "recognition": "identity"}
+                    "attributes": "mlca", "recognition": "identity",
+                    "pose": "mlca", "visibility": "mlca", "gender": "mlca", "race": "mlca"}   # beyond the paper
 
 
 class NaiveFaceptor(nn.Module):
@@ -516,10 +528,7 @@ class NaiveFaceptor(nn.Module):
                 return {"heatmap": logits, "coords": ops.heatmap_to_coords(logits)}
             return {"logits": F.interpolate(logits, size=size, mode="bilinear", align_corners=False)}
         logits = head(feats, task, self.mlca_layers)
-        if kind == "age":
-            probs, age = age_readout(logits)
-            return {"probs": probs, "age": age, "logits": logits}
-        return {"logits": logits}
+        return value_readout(kind, logits)
 
 
 MODELS = {"faceptor": Faceptor, "naive": NaiveFaceptor}     # the model registry: checkpoint field 'kind'

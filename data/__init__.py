@@ -6,6 +6,8 @@ normalisation and augmentations: docs/design.md sections 1, 2, 7, 8):
   dataset_io.py      errors, image / text / .mat reading, the FaceDataset base class
   loaders_dense.py   300W, WFLW, COFW, AFLW-19, CelebAMask-HQ, LaPa
   loaders_global.py  MORPH II, UTKFace, AffectNet, RAF-DB, FERPlus, CelebA, LFW-73, MS1MV3
+  loaders_pose.py    head pose: 300W-LP, AFLW2000-3D, PoseTransform         (task types beyond the paper)
+  loaders_extra.py   gender / race: UTKFace, FairFace; landmark visibility: COFW
   recordio.py        RecordIO without mxnet, verification .bin reader
   transforms.py      FaRL-style dense warps with inverse, 112-px pipeline
   composer.py        InfiniteSampler, MultiTaskComposer, normalisation
@@ -23,6 +25,8 @@ from .conventions import (CELEBA_ATTRIBUTES, CELEBAMASK_CLASSES, CELEBAMASK_FLIP
 from .dataset_io import DatasetError, FaceDataset, decode_image  # noqa: F401
 from .loaders_dense import AFLW19, COFW, LaPa, CelebAMaskHQ, W300, WFLW  # noqa: F401
 from .loaders_global import AffectNet, CelebA, FERPlus, LFW73, MS1MV3, Morph2, RAFDB, UTKFace  # noqa: F401
+from .loaders_extra import COFWVisibility, FairFace, UTKFaceDemographics  # noqa: F401
+from .loaders_pose import AFLW2000, PoseTransform, W300LP, flip_pose, nose_direction, pose_rotation  # noqa: F401
 from .recordio import RecordIOReader, read_verification_bin  # noqa: F401
 from .synthetic import SyntheticFaces  # noqa: F401
 from .transforms import DenseTransform, GlobalTransform, Warp, flip_item, rand_augment, random_erasing  # noqa: F401
@@ -44,7 +48,17 @@ DATASETS = {
     "celeba": (CelebA, ("train", "val", "trainval", "test"), "attributes"),
     "lfw73": (LFW73, ("train", "test", "all"), "attributes"),
     "ms1mv3": (MS1MV3, ("train",), "recognition"),
+    # task types beyond the paper
+    "300wlp": (W300LP, ("train",), "pose"),
+    "aflw2000": (AFLW2000, ("test",), "pose"),
+    "cofw_visibility": (COFWVisibility, ("train", "test"), "visibility"),
+    "utkface_gender": (UTKFaceDemographics, ("train", "test"), "gender"),
+    "utkface_race": (UTKFaceDemographics, ("train", "test"), "race"),
+    "fairface_gender": (FairFace, ("train", "val", "test"), "gender"),
+    "fairface_race": (FairFace, ("train", "val", "test"), "race"),
 }
+# test sets read by a task head of another name: dataset -> head (model.TASKS key)
+EVAL_HEAD = {"aflw2000": "300wlp"}
 
 
 def build_dataset(name: str, root: str, split: str, transform=None, **kwargs):
@@ -52,7 +66,8 @@ def build_dataset(name: str, root: str, split: str, transform=None, **kwargs):
 
     With transform=None items are untransformed dicts (see the loader modules); a transform is a callable
     (item, torch.Generator) -> item such as `default_transform(name, train)`. Extra keyword arguments go to the
-    loader (e.g. `skip_corrupt=True`, AFLW-19 `n_train`, MORPH II / UTKFace `test_fold`).
+    loader (e.g. `skip_corrupt=True`, AFLW-19 `n_train`, MORPH II / UTKFace `test_fold`, 300W-LP `flipped`,
+    AFLW2000-3D / 300W-LP `max_angle`, UTKFace gender / race `strict`).
     """
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
@@ -65,6 +80,10 @@ def default_transform(name: str, train: bool, size: int = None):
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
     task = DATASETS[name][2]
+    if task == "pose":                      # crop around the landmarks; flips negate yaw and roll; no rotation
+        return PoseTransform(size or 112, train)
+    if task == "visibility":                # COFW crops as for landmarks, without the synthetic occluder box
+        return DenseTransform(size or 512, "landmarks", train, align="box", occlusion=False)
     if task == "landmarks":
         return DenseTransform(size or 512, "landmarks", train, align="box", scale_mu=1.0 if name == "aflw19" else 0.8)
     if task == "parsing":

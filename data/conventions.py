@@ -3,7 +3,8 @@
 Every table here is documented in docs/datasets.md (the dataset named in the comment) or docs/design.md:
 class orders, landmark flip permutations, expression remaps, the 40 CelebA attribute names and the
 per-input-group normalisation. Nothing here is computed; tests check the tables against their documented
-properties (involutions, remap bijections).
+properties (involutions, remap bijections). The tables of the task types beyond the paper (head pose, landmark
+visibility, gender, race) are at the end; they follow the datasets' own documentation (300W-LP, UTKFace, FairFace).
 """
 
 # --- Expressions (docs/datasets.md): AffectNet order is the canonical order of every expression head.
@@ -56,12 +57,30 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF_MEAN = (0.5, 0.5, 0.5)
 HALF_STD = (0.5, 0.5, 0.5)
 TASK_TYPES = ("landmarks", "parsing", "age", "expression", "attributes", "recognition")
-DENSE_TYPES = ("landmarks", "parsing")
+EXTRA_TASK_TYPES = ("pose", "visibility", "gender", "race")          # beyond the paper (tables at the end)
+DENSE_TYPES = ("landmarks", "parsing", "visibility")     # visibility reads the 512-px landmark crops
 NORMALIZATION = {"dense": (CLIP_MEAN, CLIP_STD), "global": (HALF_MEAN, HALF_STD)}
 
 
 def input_group(task_type: str) -> str:
     """'dense' (512-px group: landmarks, parsing) or 'global' (112-px group: everything else)."""
-    if task_type not in TASK_TYPES:
-        raise ValueError(f"unknown task type {task_type!r}; expected one of {TASK_TYPES}")
+    if task_type not in TASK_TYPES + EXTRA_TASK_TYPES:
+        raise ValueError(f"unknown task type {task_type!r}; expected one of {TASK_TYPES + EXTRA_TASK_TYPES}")
     return "dense" if task_type in DENSE_TYPES else "global"
+
+
+# --- Task types beyond the paper: head pose, landmark visibility, gender, race.
+# Head pose: `pose` = (yaw, pitch, roll) in degrees, in the convention of 300W-LP / AFLW2000-3D `Pose_Para`
+# (stored there as radians in the order pitch, yaw, roll). Seen in the image (x right, y down):
+#   yaw   > 0: the face turns towards image left (the subject's own right); the nose tip moves left;
+#   pitch > 0: the face looks up; the nose tip moves up;
+#   roll  > 0: the face is rotated clockwise in the image plane.
+# A horizontal flip negates yaw and roll and keeps pitch.
+POSE_ANGLES = ("yaw", "pitch", "roll")
+POSE_FLIP_SIGN = (-1.0, 1.0, -1.0)
+# Gender: 0 male, 1 female (UTKFace's file-name code; FairFace's 'Male' / 'Female' map to the same ids).
+GENDERS = ("male", "female")
+UTKFACE_RACES = ("White", "Black", "Asian", "Indian", "Others")                 # UTKFace file-name race code 0..4
+FAIRFACE_RACES = ("White", "Black", "Latino_Hispanic", "East Asian", "Southeast Asian", "Indian", "Middle Eastern")
+FAIRFACE_GENDERS = ("Male", "Female")
+FAIRFACE_AGE_GROUPS = ("0-2", "3-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "more than 70")

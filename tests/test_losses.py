@@ -308,6 +308,6 @@ def test_task_loss_dispatch_other_heads():
     with pytest.raises(ValueError, match="CosFace"):
         losses.task_loss("recognition", {"embedding": emb}, batch)
     with pytest.raises(ValueError, match="unknown task type"):
-        losses.task_loss("pose", {}, batch)
+        losses.task_loss("gaze", {}, batch)
     with pytest.raises(KeyError, match="expression"):
         losses.task_loss("expression", {"logits": expr}, {})

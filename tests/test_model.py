@@ -63,7 +63,9 @@ def test_full_size_shapes_meta(task):
               "parsing": {"logits": (2, n, s, s)},
               "age": {"probs": (2, 101), "age": (2,), "logits": (2, 101)},
               "expression": {"logits": (2, n)}, "attributes": {"logits": (2, n)},
-              "recognition": {"embedding": (2, 512)}}[kind]
+              "recognition": {"embedding": (2, 512)},
+              "pose": {"pose": (2, 3), "logits": (2, 3)}, "visibility": {"occluded": (2, n), "logits": (2, n)},
+              "gender": {"logits": (2, n)}, "race": {"logits": (2, n)}}[kind]
     assert {k: tuple(v.shape) for k, v in out.items()} == expect
 
 

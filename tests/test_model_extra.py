@@ -1,0 +1,126 @@
+"""Task heads beyond the paper (pose, visibility, gender, race): one TASKS entry each, working in forward,
+forward_tasks, predict and Naive Faceptor, trainable through task_loss, and leaving the paper's heads unchanged."""
+import pytest
+import torch
+
+import losses
+from heads import POSE_SCALE_DEG, value_readout
+from model import BASE_TASKS, FULL_TASKS, TASKS, Faceptor, FaceptorConfig, NaiveFaceptor
+
+NEW = ("300wlp", "cofw_visibility", "utkface_gender", "utkface_race", "fairface_gender", "fairface_race")
+OLD = ("300w", "celebamask_hq", "morph2", "rafdb", "celeba", "ms1mv3")
+EXPECTED_KEYS = {"pose": {"pose", "logits"}, "visibility": {"occluded", "logits"}, "gender": {"logits"},
+                 "race": {"logits"}}
+
+
+def _inputs(cfg, B=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, 3, cfg.size_512, cfg.size_512, generator=g),
+            torch.randn(B, 3, cfg.size_112, cfg.size_112, generator=g))
+
+
+def _close(a, b, tol, what):
+    d = (a - b).abs()
+    assert d.max().item() <= tol, f"{what}: max diff {d.max().item():.3g}, mean {d.mean().item():.3g}"
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Faceptor(FaceptorConfig.tiny(tasks=OLD + NEW)).eval()
+
+
+def test_new_entries_are_outside_the_paper_presets():
+    assert not set(NEW) & (set(BASE_TASKS) | set(FULL_TASKS))
+    assert {TASKS[t].type for t in NEW} == {"pose", "visibility", "gender", "race"}
+
+
+def test_shapes_and_readouts(model):
+    x512, x112 = _inputs(model.cfg)
+    for t in NEW:
+        spec = TASKS[t]
+        out = model(x512 if spec.size == 512 else x112, t)
+        assert set(out) == EXPECTED_KEYS[spec.type], t
+        assert out["logits"].shape == (2, spec.queries)
+        assert torch.isfinite(out["logits"]).all()
+    assert model(x112, "300wlp")["pose"].shape == (2, 3)
+    occ = model(x512, "cofw_visibility")["occluded"]
+    assert occ.shape == (2, 29) and ((occ > 0) & (occ < 1)).all()
+
+
+def test_value_readout_by_hand():
+    z = torch.tensor([[0.5, -1.0, 0.0]])
+    assert value_readout("pose", z)["pose"].tolist() == [[45.0, -90.0, 0.0]]
+    assert POSE_SCALE_DEG == 90.0
+    assert value_readout("visibility", torch.tensor([[0.0]]))["occluded"].item() == 0.5
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_predict_equals_forward_tasks(stage):
+    torch.manual_seed(0)
+    m = Faceptor(FaceptorConfig.tiny(tasks=OLD + NEW, stage=stage)).eval()
+    x512, x112 = _inputs(m.cfg)
+    joint = m.predict(images_512=x512, images_112=x112)
+    with torch.no_grad():
+        single = m.forward_tasks({t: (x512 if TASKS[t].size == 512 else x112) for t in NEW})
+    for t in NEW:
+        for k in joint[t]:
+            tol = 1e-5 * (POSE_SCALE_DEG if k == "pose" else 1.0)                 # degrees = 90 x logits
+            _close(joint[t][k], single[t][k], tol, f"{t}.{k}")
+
+
+def test_old_heads_unchanged_by_new_heads():
+    """A model with the new heads, given the weights of a Base-set model, predicts the old heads exactly as it does:
+    the new heads add only their own queries, and the one-pass decoder keeps each head's self-attention to itself."""
+    torch.manual_seed(0)
+    base = Faceptor(FaceptorConfig.tiny(tasks=OLD)).eval()
+    extended = Faceptor(FaceptorConfig.tiny(tasks=OLD + NEW)).eval()
+    missing, unexpected = extended.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected
+    assert all(k.startswith("queries.") for k in missing)
+    assert {k.split(".")[1] for k in missing} == set(NEW)
+    x512, x112 = _inputs(base.cfg)
+    a = base.predict(images_512=x512, images_112=x112)
+    b = extended.predict(images_512=x512, images_112=x112)
+    for t in OLD:
+        for k in a[t]:
+            _close(a[t][k], b[t][k], 1e-5, f"{t}.{k}")
+
+
+def test_new_heads_add_only_their_queries():
+    count = lambda m: sum(p.numel() for p in m.parameters())                    # noqa: E731
+    cfg = FaceptorConfig.tiny(tasks=OLD)
+    grown = FaceptorConfig.tiny(tasks=OLD + NEW)
+    n_queries = sum(TASKS[t].queries for t in NEW)
+    added = n_queries * 2 * cfg.dec_dim + len(NEW) * cfg.levels * cfg.dec_dim     # content + position; L_t per head
+    assert count(Faceptor(grown)) - count(Faceptor(cfg)) == added
+
+
+def test_new_heads_train_through_task_loss(model):
+    x512, x112 = _inputs(model.cfg, B=3)
+    batches = {"300wlp": x112, "cofw_visibility": x512, "utkface_race": x112, "fairface_gender": x112}
+    labels = {"300wlp": {"pose": torch.tensor([[10.0, -5.0, 0.0]] * 3)},
+              "cofw_visibility": {"visible": torch.randint(0, 2, (3, 29))},
+              "utkface_race": {"race": torch.tensor([0, 4, 2])},
+              "fairface_gender": {"gender": torch.tensor([1, 0, 1])}}
+    model.zero_grad()
+    out = model.forward_tasks(batches)
+    total = sum(losses.task_loss(TASKS[t].type, out[t], labels[t]) for t in batches)
+    assert torch.isfinite(total)
+    total.backward()
+    for t in batches:
+        assert model.queries[t].content.grad.abs().sum() > 0, t
+    assert model.value_head.fc.weight.grad.abs().sum() > 0
+    model.zero_grad()
+
+
+def test_naive_faceptor_runs_new_heads():
+    torch.manual_seed(0)
+    cfg = FaceptorConfig.tiny(tasks=("300w",) + NEW)
+    m = NaiveFaceptor(cfg).eval()
+    x512, x112 = _inputs(cfg)
+    out = m.forward_tasks({t: (x512 if TASKS[t].size == 512 else x112) for t in NEW})
+    for t in NEW:
+        assert set(out[t]) == EXPECTED_KEYS[TASKS[t].type]
+        assert out[t]["logits"].shape == (2, TASKS[t].queries)
+    assert {"pose", "visibility", "gender", "race"} <= set(m.heads)
