@@ -25,6 +25,7 @@ class UTKFaceDemographics(UTKFace):
     """UTKFace with `gender` and `race` from each file name (and `age` as the age loader reads it)."""
 
     task_type = "gender"
+    task_types = ("gender", "race")           # one file-name layout labels both heads
 
     def __init__(self, root, split, transform=None, skip_corrupt=False, test_fold: int = 0, strict: bool = False):
         super().__init__(root, split, transform, skip_corrupt, test_fold)
@@ -50,6 +51,7 @@ FAIRFACE_HEADER = ("file", "age", "gender", "race")
 
 class FairFace(LabelledImages):
     task_type = "race"
+    task_types = ("gender", "race")           # one CSV labels both heads
     SPLITS = {"train": "train", "val": "val", "test": "val"}
 
     def __init__(self, root, split, transform=None, skip_corrupt=False):
