@@ -391,7 +391,8 @@ def _note(res: Mapping) -> str:
         return f"absent: {res['reason']}"
     if res.get("status") == "empty":
         return "empty split"
-    return f"{res['skipped']} corrupt images skipped" if res.get("skipped") else ""
+    k = res.get("skipped", 0)
+    return f"{k} corrupt image{'s' if k > 1 else ''} skipped" if k else ""
 
 
 def benchmark_tables(results: Mapping) -> str:

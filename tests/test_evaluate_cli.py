@@ -44,7 +44,7 @@ def test_cli_skip_corrupt_counts_in_table_and_json(corrupt_rafdb, tmp_path, caps
     res = json.loads(js.read_text())["benchmarks"]["rafdb/test"]
     assert res["n"] == 2 and res["skipped"] == 1 and bad in res["skipped_errors"][0]
     assert 0 <= res["accuracy"] <= 1 and res["accuracy"] * 2 == round(res["accuracy"] * 2)   # k of 2 faces
-    assert "| rafdb/test | 2 |" in out.out and "| 1 corrupt images skipped |" in out.out
+    assert "| rafdb/test | 2 |" in out.out and "| 1 corrupt image skipped |" in out.out
     assert "rafdb/test: batch 1/2 (2/3 images" in out.err                  # progress, on stderr
 
 

@@ -178,7 +178,7 @@ def test_corrupt_image_skipped_and_counted(tmp_path, num_workers):
     assert res["n"] == 2 and res["skipped"] == 1 and bad in res["skipped_errors"][0]
     assert res["accuracy"] == 0.5                                       # faces 1 and 3 (labels 1, 5): one right
     table = evaluate.benchmark_tables({"rafdb/test": res})
-    assert "| rafdb/test | 2 | 50.00 | 1 corrupt images skipped |" in table
+    assert "| rafdb/test | 2 | 50.00 | 1 corrupt image skipped |" in table
 
 
 def test_malformed_label_line_is_an_error_even_when_skipping(tmp_path):
