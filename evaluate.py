@@ -10,11 +10,10 @@ COFW); parsing F1 of one confusion matrix over the set (CelebAMask-HQ in the 512
 original resolution); age MAE; expression top-1 accuracy; attribute mean accuracy; 10-fold verification accuracy
 on insightface .bin sets with flip-summed embeddings.
 
-Missing and corrupt data: a dataset folder that is absent is not evaluated; a split whose files are absent from a
-present folder (e.g. 300W without ibug/) is listed as "absent" with the missing path. A corrupt image or a
-malformed label line is an error naming the file (and line); with --skip-corrupt, images that fail to load are
-left out and counted ("skipped" in the JSON, a note in the table). Annotation errors and corrupt .bin sets stay
-errors: skipping them would change the protocol.
+Missing and corrupt data: an absent dataset folder is not evaluated; a split whose files are absent from a present
+folder (e.g. 300W without ibug/) is listed as "absent" with the missing path. A corrupt image or a malformed label
+line is an error naming the file (and line); with --skip-corrupt, images that fail to load are left out and counted
+("skipped" in the JSON, a note in the table); annotation errors and corrupt .bin sets stay errors.
 
 Synthetic split [ours; not in the paper]: faces of identities never seen in training. Dense heads read the size_512
 rendering, the others the size_112 rendering of the same faces; NME uses the 300W inter-ocular unit. Baselines are
@@ -151,16 +150,37 @@ def _label_batch(items: Sequence[Mapping], keep: Sequence[int]) -> dict:
     return out
 
 
+def _synthetic_test_faces(size_512: int, size_112: int, settings: Mapping, n_test: int):
+    """The test faces at both input sizes, two images per identity (for verification pairs)."""
+    n_ids = max(5, n_test // 2)
+    test512 = data.SyntheticFaces("test", size=size_512, length=2 * n_ids, seed=settings["seed"], n_identities=n_ids)
+    test112 = data.SyntheticFaces("test", size=size_112, length=2 * n_ids, seed=settings["seed"], n_identities=n_ids,
+                                  framing=settings["framing_112"])
+    return test512, test112
+
+
+def _synthetic_metrics(heads, states, ctx) -> dict:
+    """Each head's (model, baseline) states reduced to the result keys of SYNTHETIC_HEADS."""
+    res = {}
+    for (_, kind, _, names), t in heads:
+        reduce = KINDS[kind][1]
+        got, baseline = reduce(states[t][0], ctx), reduce(states[t][1], ctx)
+        for i, (metric, key) in enumerate(names.items()):
+            res[key] = got[metric]
+            if i == 0:
+                res[key + "_baseline"] = baseline[metric]
+    return res
+
+
 @torch.no_grad()
 def evaluate_synthetic(model, train_cfg: Mapping, n_test: int = 1000, n_pairs: int | None = None,
                        batch_size: int = 64, device="cpu", n_baseline: int = 1000, log_every: int = 0) -> dict:
     """Metrics of every head of `model` on the synthetic test split and their baselines (fractions; MAE in years).
 
     train_cfg: the training config dict (checkpoint["config"]) for the synthetic world's seed and identities.
-    Keys: nme, nme_baseline, parsing_f1, parsing_f1_baseline, age_mae, age_mae_baseline, expression_acc,
-    expression_acc_baseline, attribute_macc, attribute_macc_baseline, verification_acc, verification_std,
-    n_test, n_pairs (only the keys whose heads the model has); parsing_f1_per_class lists the 19 classes' F1 in
-    CelebAMask-HQ order (None for a class absent from truth and prediction).
+    Keys (for the heads the model has): nme, parsing_f1, age_mae, expression_acc, attribute_macc, each with a
+    *_baseline twin; parsing_f1_per_class (CelebAMask-HQ order, None for a class absent from truth and
+    prediction); verification_acc, verification_std, n_pairs; n_test.
     """
     model.eval()
     device = torch.device(device)
@@ -169,10 +189,7 @@ def evaluate_synthetic(model, train_cfg: Mapping, n_test: int = 1000, n_pairs: i
     heads = [(spec, _first_head(model, spec[0], spec[2])) for spec in SYNTHETIC_HEADS]
     heads = [(spec, t) for spec, t in heads if t is not None]
     rec = _first_head(model, "recognition")
-    n_ids = max(5, n_test // 2)                                  # two images per test identity (verification)
-    test512 = data.SyntheticFaces("test", size=s512, length=2 * n_ids, seed=settings["seed"], n_identities=n_ids)
-    test112 = data.SyntheticFaces("test", size=s112, length=2 * n_ids, seed=settings["seed"], n_identities=n_ids,
-                                  framing=settings["framing_112"])
+    test512, test112 = _synthetic_test_faces(s512, s112, settings, n_test)
     n = min(n_test, len(test512))
     dense = any(TASKS[t].size == 512 for _, t in heads)
     base = synthetic_baselines(s512, settings, n_baseline)
@@ -202,14 +219,7 @@ def evaluate_synthetic(model, train_cfg: Mapping, n_test: int = 1000, n_pairs: i
                 collect(states[t][0], {k: v[keep] for k, v in out[t].items()}, batch, ctx)
                 collect(states[t][1], baseline_outputs(base, task_type, len(keep)), batch, ctx)
         progress.update(len(idx))
-    res = {"n_test": n}
-    for (_, kind, _, names), t in heads:
-        reduce = KINDS[kind][1]
-        got, baseline = reduce(states[t][0], ctx), reduce(states[t][1], ctx)
-        for i, (metric, key) in enumerate(names.items()):
-            res[key] = got[metric]
-            if i == 0:
-                res[key + "_baseline"] = baseline[metric]
+    res = {"n_test": n, **_synthetic_metrics(heads, states, ctx)}
     if rec:
         pairs = test112.verification_pairs(n_pairs or max(10, 10 * (len(test112) // 10)), seed=settings["seed"])
         a = emb[[p[0] for p in pairs]]
@@ -344,10 +354,6 @@ def evaluate_verification(model, path: str, head: str, batch_size: int = 64, dev
     return {"accuracy": acc, "std": std, "pairs": len(issame)}
 
 
-def _absent(table: str, error: Exception) -> dict:
-    return {"table": table, "status": "absent", "reason": str(error).splitlines()[0]}
-
-
 def evaluate_benchmarks(model, root: str, batch_size: int = 32, device="cpu", num_workers: int = 0,
                         skip_corrupt: bool = False, log_every: int = 0,
                         loader_options: Mapping[str, Mapping] | None = None) -> dict:
@@ -366,7 +372,7 @@ def evaluate_benchmarks(model, root: str, batch_size: int = 32, device="cpu", nu
             res = evaluate_protocol(model, name, folder, split, kind, options, batch_size, device, num_workers,
                                     skip_corrupt, log_every, (loader_options or {}).get(name))
         except data.DatasetMissing as e:                   # only a split that is not there may be passed over
-            results[f"{name}/{split}"] = _absent(table, e)
+            results[f"{name}/{split}"] = {"table": table, "status": "absent", "reason": str(e).splitlines()[0]}
             continue
         results[f"{name}/{split}"] = {"table": table, **res}
     rec = [t for t in model.cfg.tasks if TASKS[t].type == "recognition"]
@@ -378,7 +384,8 @@ def evaluate_benchmarks(model, root: str, batch_size: int = 32, device="cpu", nu
             results[f"verification/{vset}"] = {"table": "verification",
                                                **evaluate_verification(model, path, rec[0], batch_size, device)}
         elif any(found.values()):                          # some sets are there: say which are not
-            results[f"verification/{vset}"] = _absent("verification", f"no {vset}.bin in {', '.join(folders)}")
+            results[f"verification/{vset}"] = {"table": "verification", "status": "absent",
+                                               "reason": f"no {vset}.bin in {', '.join(folders)}"}
     return results
 
 

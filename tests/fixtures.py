@@ -1,4 +1,4 @@
-"""Fixture writers: tiny copies of every dataset in its native format (../shared/DATASETS.md), written from
+"""Fixture writers: tiny copies of every dataset in its native format (the layouts the loaders document), written from
 scratch by the tests. Each writer returns the labels it wrote, in the loader's output conventions (0-based
 pixel coordinates, AffectNet expression ids, 1/0 attributes), so tests compare loader output to them.
 """
