@@ -216,3 +216,13 @@ def test_progress_lines_count_batches_and_images(tmp_path, capsys):
     assert [ln.split(" img/s")[0].rsplit(",", 1)[0] for ln in lines] == [
         "rafdb/test: batch 1/2 (2/3 images", "rafdb/test: batch 2/2 (3/3 images"]
     assert all(" eta " in ln for ln in lines) and lines[-1].endswith("eta 0m00s)")
+
+
+def test_missing_annotation_of_a_present_image_is_corrupt_not_absent(tmp_path):
+    fixtures.write_lapa(str(tmp_path / "lapa"))
+    label = tmp_path / "lapa" / "test" / "labels" / "test_0.png"
+    label.unlink()
+    model = StubModel({"lapa": {"logits": torch.zeros(1, 11, S512, S512)}})
+    with pytest.raises(data.DatasetError, match="test_0.png") as err:
+        evaluate.evaluate_benchmarks(model, str(tmp_path), skip_corrupt=True)
+    assert not isinstance(err.value, data.DatasetMissing)
