@@ -1,7 +1,10 @@
-"""Metrics of Faceptor's benchmarks (paper Sec. 4, Tables 3-9), numpy only: copy this file alone to use them.
+"""Metrics of Faceptor's benchmarks (paper Sec. 4, Tables 3-9) in plain numpy.
 
-Metrics follow the authors' evaluators (docs/datasets.md, "Metrics"); every function returns fractions
-(tables print percent):
+This file stands alone: it needs numpy only, and accepts torch tensors as inputs when torch is installed, so it can
+be copied into another project as it is. Functions check their inputs and raise ValueError saying what was
+expected.
+
+Metrics follow the authors' evaluation code (docs/datasets.md, "Metrics"); every function returns fractions (tables print percent):
 - NME: per image, the mean over points of ||pred - gt||_2 / unit, then the mean over images. Units: 300W
   ||gt36 - gt45||, WFLW ||gt60 - gt72||, COFW ||gt8 - gt9|| (0-based, outer eye corners), AFLW-19 the diagonal
   sqrt(w^2 + h^2) of the annotated face box (NME_diag). Inter-pupil and box (sqrt(w h)) units are available via
@@ -188,14 +191,11 @@ def mae(pred, target) -> float:
 
 
 def accuracy(logits, labels) -> float:
-    """Top-1 accuracy of logits [N,C] against labels [N]; ties go to the first maximal index (torch.argmax)."""
-    logits = torch.as_tensor(logits)
-    labels = torch.as_tensor(labels).reshape(-1)
-    if logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
-        raise ValueError(f"accuracy: expected logits [N, C] and labels [N], "
-                         f"got {tuple(logits.shape)} and {tuple(labels.shape)}")
-    pred = logits.float().argmax(dim=1)
-    return float((pred == labels.to(pred.device).long()).double().mean())
+    """Top-1 accuracy of logits [N,C] against labels [N]; ties go to the first maximal index (as np.argmax)."""
+    z, y = _np(logits), _np(labels, np.int64).reshape(-1)
+    if z.ndim != 2 or z.shape[0] != y.shape[0]:
+        raise ValueError(f"accuracy: expected logits [N, C] and labels [N], got {z.shape} and {y.shape}")
+    return float((z.argmax(axis=1) == y).mean())
 
 
 def mean_attribute_accuracy(logits, labels) -> float:

@@ -22,7 +22,7 @@ Divergences from the paper are listed in each module's docstring.
 from .composer import InfiniteSampler, MultiTaskComposer, collate, item_seed, normalize_images  # noqa: F401
 from .conventions import (CELEBA_ATTRIBUTES, CELEBAMASK_CLASSES, CELEBAMASK_FLIP, EXPRESSIONS,  # noqa: F401
                          LANDMARK_FLIP, LAPA_CLASSES, LAPA_FLIP, NORMALIZATION, input_group)
-from .dataset_io import DatasetError, FaceDataset, decode_image  # noqa: F401
+from .dataset_io import DatasetError, DatasetMissing, FaceDataset, decode_image  # noqa: F401
 from .loaders_dense import AFLW19, COFW, LaPa, CelebAMaskHQ, W300, WFLW  # noqa: F401
 from .loaders_global import AffectNet, CelebA, FERPlus, LFW73, MS1MV3, Morph2, RAFDB, UTKFace  # noqa: F401
 from .loaders_extra import COFWVisibility, FairFace, UTKFaceDemographics  # noqa: F401

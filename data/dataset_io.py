@@ -2,7 +2,8 @@
 and the common dataset base class.
 
 - Errors name the file, the line or field, and what was expected. A missing root or file lists
-  the layout the loader expects.
+  the layout the loader expects and raises DatasetMissing (a DatasetError), so callers can tell an absent split
+  from corrupt data.
 - Images decode with PIL to RGB uint8 [3,H,W]; a corrupt or truncated file raises an error naming it, or, with
   `skip_corrupt=True`, is skipped: the item at the next index is returned and `dataset.skipped` counts skips
   (per process).
@@ -23,9 +24,14 @@ class DatasetError(ValueError):
     """Bad or missing dataset input; the message names the file and what was expected."""
 
 
+class DatasetMissing(DatasetError):
+    """A file or folder of the expected layout is not there (e.g. a split that was not downloaded), as opposed to
+    data that is present but corrupt or malformed (a plain DatasetError)."""
+
+
 def require(path: str, layout: str, what: str = "path") -> str:
     if not os.path.exists(path):
-        raise DatasetError(f"missing {what}: {path}\nexpected layout:\n{layout}")
+        raise DatasetMissing(f"missing {what}: {path}\nexpected layout:\n{layout}")
     return path
 
 
@@ -33,7 +39,7 @@ def first_existing(candidates, layout: str, what: str = "file") -> str:
     for c in candidates:
         if os.path.exists(c):
             return c
-    raise DatasetError(f"none of these {what}s exists: {', '.join(candidates)}\nexpected layout:\n{layout}")
+    raise DatasetMissing(f"none of these {what}s exists: {', '.join(candidates)}\nexpected layout:\n{layout}")
 
 
 def decode_image(data_or_path, name: str = None) -> torch.Tensor:

@@ -339,8 +339,9 @@ class LaPa(FaceDataset):
                 stem = os.path.splitext(name)[0]
                 lab = os.path.join(root, part, "labels", stem + ".png")
                 lmk = os.path.join(root, part, "landmarks", stem + ".txt")
-                for p in (lab, lmk):
-                    require(p, LAPA_LAYOUT, "LaPa annotation")
+                for p in (lab, lmk):                   # the image is there: a missing annotation is corrupt data
+                    if not os.path.exists(p):
+                        raise DatasetError(f"{p}: missing annotation of image {os.path.join(d, name)}")
                 self.records.append({"path": os.path.join(d, name), "label": lab, "lmk": lmk})
 
     def load(self, rec):

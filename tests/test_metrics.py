@@ -1,5 +1,8 @@
-"""Metric functions of metrics.py (docs/datasets.md, "Metrics") against hand-computed cases."""
+"""metrics.py against hand-computed cases, and on its own: importable and usable without torch."""
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -291,9 +294,26 @@ def test_verification_matches_direct_protocol(seed, n):
 
 # ------------------------------------------------------------------------------------------------ tables
 
-def test_format_table_prints_percent():
+def test_metrics_work_without_torch(tmp_path):
+    """metrics.py copied alone into a folder and run where `import torch` fails: numpy inputs, same numbers."""
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "metrics.py")
+    (tmp_path / "metrics.py").write_text(open(src).read())
+    (tmp_path / "torch.py").write_text("raise ImportError('torch is not installed here')\n")
+    code = ("import numpy as np, metrics as M\n"
+            "gt = np.zeros((1, 29, 2)); gt[0, 9] = (0, 8)\n"
+            "print(M.nme(gt + (0, 2), gt, 'cofw'), M.accuracy([[0.0, 1.0], [2.0, 1.0]], [1, 1]),\n"
+            "      M.mae([1.0, 4.0], [2.0, 2.0]), M.auc_fr([0.0, 1.0], 0.1)[1], M.parsing_f1([[1, 0], [1, 2]])[1],\n"
+            "      M.mean_attribute_accuracy([[1.0, -1.0]], [[1, 1]]))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["0.25", "0.5", "1.5", "0.5", "0.8", "0.5"]
+
+
+def test_format_table_prints_percent_and_counts():
     table = evaluate.format_table([{"dataset": "300W", "NME": 0.02814, "AUC": float("nan")}, {"dataset": "WFLW"}],
                            ["dataset", "NME", "AUC"])
     assert table.splitlines() == ["| dataset | NME | AUC |", "|---|---|---|",
                                   "| 300W | 2.81 | - |", "| WFLW | - | - |"]
     assert evaluate.format_percent(0.5, digits=1) == "50.0"
+    assert evaluate.format_table([{"n": 3, "acc": 1.0}], ["n", "acc"]).splitlines()[-1] == "| 3 | 100.00 |"
