@@ -70,6 +70,7 @@ REAL_FRAMING = {"300w": "landmark_box", "wflw": "landmark_box", "cofw": "landmar
 class FaceGeometry(NamedTuple):
     points5: np.ndarray             # [5, 2] photo pixels, pixel centres at integers
     box: Optional[np.ndarray]       # [4] x1, y1, x2, y2 from the detector or the user, else None
+    score: Optional[float] = None   # detection score; None when the face was given
 
 
 def head_framings(tasks, train_config: Optional[dict]) -> Dict[str, str]:
