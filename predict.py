@@ -284,6 +284,28 @@ def parse_args(argv=None):
     return args
 
 
+def predict_photo(model, framings: Dict[str, str], rgb: np.ndarray, faces: List[framing.FaceGeometry],
+                  tasks: Optional[List[str]] = None, device: str = "cpu") -> tuple:
+    """In-memory pipeline for one photo (uint8 [H, W, 3]) and its faces -> (records, {parsing head: label map}).
+    Records are as in predictions.jsonl, with recognition embeddings as arrays under "embedding"."""
+    tasks = list(tasks or model.cfg.tasks)
+    photo = Photo("<array>", rgb)
+    batch = []
+    for k, g in enumerate(faces):
+        rec = face_record(photo, k, g)
+        photo.faces.append(rec)
+        batch.append((photo, rec, g))
+    timer = dict.fromkeys(("framing", "model", "mapping"), 0.0)
+    if batch:
+        run_batch(model, framings, tasks, batch, device, timer)
+    maps = {t: merge_parsing(photo, photo.faces, t) for t in tasks if TASKS[t].type == "parsing" and batch}
+    for f in photo.faces:
+        for t, e in f.pop("_embedding").items():
+            f[t] = {"embedding": e}
+        f.pop("_parsing")
+    return photo.faces, maps
+
+
 def load_detector(args):
     if args.box is not None or args.points5 is not None or args.no_detect:
         return None
