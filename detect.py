@@ -149,18 +149,18 @@ def _square(boxes: torch.Tensor) -> torch.Tensor:
 
 
 def _crops(img: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """img [3, H, W] float; boxes [N, 4] inclusive integer corners (may leave the image: zeros outside)."""
+    """img [3, H, W] float; boxes [N, 4] inclusive integer corners (may leave the image: zeros outside)
+    -> [N, 3, size, size]. The image is zero-padded once by the farthest overreach; each crop is a slice of it."""
+    if len(boxes) == 0:
+        return img.new_zeros(0, 3, size, size)
     H, W = img.shape[1:]
-    out = []
-    for x1, y1, x2, y2 in boxes.round().long().tolist():
-        patch = img.new_zeros(3, y2 - y1 + 1, x2 - x1 + 1)
-        sx1, sy1, sx2, sy2 = max(x1, 0), max(y1, 0), min(x2, W - 1), min(y2, H - 1)
-        if sx2 >= sx1 and sy2 >= sy1:
-            patch[:, sy1 - y1:sy2 - y1 + 1, sx1 - x1:sx2 - x1 + 1] = img[:, sy1:sy2 + 1, sx1:sx2 + 1]
-        out.append(F.interpolate(patch[None], size=(size, size), mode="bilinear", align_corners=False,
-                                 antialias=True))
-    return torch.cat(out) if out else img.new_zeros(0, 3, size, size)
-
+    b = boxes.round().long()
+    pad = int(max(0, -b[:, 0].min(), -b[:, 1].min(), b[:, 2].max() - W + 1, b[:, 3].max() - H + 1))
+    padded = F.pad(img, (pad, pad, pad, pad)) if pad else img
+    out = [F.interpolate(padded[None, :, y1 + pad:y2 + pad + 1, x1 + pad:x2 + pad + 1], size=(size, size),
+                         mode="bilinear", align_corners=False, antialias=True)
+           for x1, y1, x2, y2 in b.tolist()]
+    return torch.cat(out)
 
 class MTCNN(nn.Module):
     """The three-stage cascade. min_face: smallest face side searched (px); thresholds: per-stage scores;

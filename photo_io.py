@@ -107,7 +107,7 @@ def draw_photo(photo: np.ndarray, faces: List[dict], labels: np.ndarray | None, 
     for f in faces:
         x1, y1, x2, y2 = f["box"]
         d.rectangle([x1, y1, x2, y2], outline=(255, 255, 0))
-        for x, y in f["points5"]:
+        for x, y in f["points5"] or []:
             d.ellipse([x - 2 * r, y - 2 * r, x + 2 * r, y + 2 * r], outline=(255, 0, 0))
         caption = [f"#{f['face']}"]
         for t, v in f.items():

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import checkpoint
+import detect
 import framing
 import photo_io
 from data.composer import normalize_images
@@ -309,7 +310,6 @@ def predict_photo(model, framings: Dict[str, str], rgb: np.ndarray, faces: List[
 def load_detector(args):
     if args.box is not None or args.points5 is not None or args.no_detect:
         return None
-    import detect
     return detect.MTCNN.from_weights(args.detector_weights, min_face=max(12.0, args.min_face))
 
 
@@ -320,23 +320,8 @@ def compile_model(model):
     return model
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    import detect
-    try:
-        model, framings, kind = load_model(args.checkpoint, args.device)
-        detector = load_detector(args)
-    except (checkpoint.CheckpointError, detect.DetectorError) as e:
-        print(f"predict.py: {e}", file=sys.stderr)
-        return 2
-    tasks = list(args.tasks or model.cfg.tasks)
-    unknown = [t for t in tasks if t not in model.cfg.tasks]
-    if unknown:
-        print(f"predict.py: --tasks {unknown} are not heads of this checkpoint; it has {list(model.cfg.tasks)}",
-              file=sys.stderr)
-        return 2
-    if args.compile:
-        model = compile_model(model)
+def process(model, framings: Dict[str, str], tasks: List[str], args, detector) -> tuple:
+    """Every input of args through the pipeline -> (failed inputs, images, faces, seconds per stage, jsonl path)."""
     paths, missing = photo_io.collect_inputs(args.inputs, args.recursive)
     failed = len(missing)
     for m in missing:
@@ -379,9 +364,29 @@ def main(argv=None) -> int:
             open_photos.append((photo, stem))
             flush(False)
         flush(True)
+    return failed, len(paths), n_faces, timer, jsonl
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        model, framings, kind = load_model(args.checkpoint, args.device)
+        detector = load_detector(args)
+    except (checkpoint.CheckpointError, detect.DetectorError) as e:
+        print(f"predict.py: {e}", file=sys.stderr)
+        return 2
+    tasks = list(args.tasks or model.cfg.tasks)
+    unknown = [t for t in tasks if t not in model.cfg.tasks]
+    if unknown:
+        print(f"predict.py: --tasks {unknown} are not heads of this checkpoint; it has {list(model.cfg.tasks)}",
+              file=sys.stderr)
+        return 2
+    if args.compile:
+        model = compile_model(model)
+    failed, n_images, n_faces, timer, jsonl = process(model, framings, tasks, args, detector)
     total = sum(timer.values())
     shares = ", ".join(f"{k} {v / max(total, 1e-9):.0%}" for k, v in timer.items())
-    print(f"{len(paths)} image(s), {n_faces} face(s), {failed} failed; {kind} checkpoint; {total:.2f} s ({shares}); "
+    print(f"{n_images} image(s), {n_faces} face(s), {failed} failed; {kind} checkpoint; {total:.2f} s ({shares}); "
           f"predictions: {jsonl}")
     return 1 if failed else 0
 
