@@ -72,7 +72,7 @@ class Photo:
     def __init__(self, path: str, rgb: np.ndarray):
         self.path, self.rgb = path, rgb
         self.H, self.W = rgb.shape[:2]
-        self.levels = [torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float()]            # [3, H, W], halved per level
+        self.levels = [torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float()]    # [3, H, W], halved per level
         self.faces: List[dict] = []
 
     def crop(self, warp: Warp) -> torch.Tensor:
@@ -185,7 +185,7 @@ def merge_parsing(photo: Photo, faces: List[dict], task: str) -> np.ndarray:
         S = w.S
         corners = w.inverse_points(np.array([[-0.5, -0.5], [S - 0.5, -0.5], [S - 0.5, S - 0.5], [-0.5, S - 0.5]]))
         x0, y0 = (max(0, int(np.floor(v))) for v in corners.min(0))
-        x1, y1 = min(photo.W - 1, int(np.ceil(corners[:, 0].max()))), min(photo.H - 1, int(np.ceil(corners[:, 1].max())))
+        x1, y1 = (min(n - 1, int(np.ceil(v))) for n, v in zip((photo.W, photo.H), corners.max(0)))
         if x1 < x0 or y1 < y0:
             continue
         shift = np.array([[1, 0, x0], [0, 1, y0], [0, 0, 1.0]])                  # region px -> photo px
