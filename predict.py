@@ -314,9 +314,10 @@ def load_detector(args):
 
 
 def compile_model(model):
-    """torch.compile the model's networks (encoder, decoder, heads); the Python glue between them stays eager."""
-    for name, child in list(model.named_children()):
-        setattr(model, name, torch.compile(child))
+    """torch.compile the encoder and the decoder (nearly all of the time); heads and glue stay eager."""
+    for name in ("encoder", "decoder"):
+        if isinstance(getattr(model, name, None), torch.nn.Module):
+            setattr(model, name, torch.compile(getattr(model, name)))
     return model
 
 
