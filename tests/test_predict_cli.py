@@ -216,3 +216,27 @@ def test_bad_inputs_get_one_clear_error(tmp_path, capsys):
     assert "not heads of this checkpoint" in capsys.readouterr().err
     assert predict.main([str(ours), str(tmp_path / "missing.png"), "--out-dir", out, "--box", "1", "1", "9", "9"]) == 1
     assert "missing.png: no such file" in capsys.readouterr().err
+
+
+def test_no_detect_gives_the_whole_image_to_every_head(tmp_path):
+    """--no-detect: one face per image, its box the whole image, no points or score; the dense heads' input is the
+    image itself (a 64-px photo at size_512 = 64 comes back unchanged through the identity framing)."""
+    model = tiny()
+    img = np.array(Image.open(os.path.join(DATA, "astronaut_256.png")).convert("RGB").resize((64, 64)))
+    args = predict.parse_args(["-", "x.png", "--no-detect"])
+    photo = predict.Photo("x.png", img)
+    (face,) = predict.find_faces(photo, args, None)
+    assert face.points5 is None and np.allclose(face.box, [-0.5, -0.5, 63.5, 63.5])
+    warp = predict.face_warp("landmark_box", face, photo, 64)
+    assert np.allclose(warp.matrix, np.eye(3))
+    assert torch.equal(photo.crop(warp), torch.from_numpy(img).permute(2, 0, 1))
+    path = tmp_path / "crop.png"
+    Image.fromarray(img).save(path)
+    import dataclasses
+    ckpt = tmp_path / "ours.pt"
+    torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "model": model.state_dict(), "kind": "faceptor",
+                "model_config": dataclasses.asdict(model.cfg), "config": {"data": "real"}, "stage": 1, "step": 1}, ckpt)
+    assert predict.main([str(ckpt), str(path), "--no-detect", "--out-dir", str(tmp_path / "o")]) == 0
+    with open(tmp_path / "o" / "predictions.jsonl") as f:
+        (row,) = [json.loads(line) for line in f]
+    assert row["points5"] is None and row["score"] is None and row["box"] == [-0.5, -0.5, 63.5, 63.5]
