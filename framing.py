@@ -104,7 +104,7 @@ def _upright(points5: np.ndarray):
     return U, 1.0 / k
 
 
-def _template_box(points5, box_112) -> tuple:
+def template_box(points5, box_112) -> tuple:
     """(U, box in the upright frame) for a box given in the ArcFace frame."""
     U, _ = _upright(points5)
     A = _to_template(points5, ARCFACE_5)
@@ -149,11 +149,11 @@ def build_warp(framing: str, face: FaceGeometry, S: int) -> Warp:
         template = SYNTHETIC_5["aligned" if framing == "synthetic_aligned" else "loose"] * S - 0.5
         return Warp(_to_template(p5, template), S)
     if framing == "landmark_box":
-        return _dense_box("300w", S, *_template_box(p5, EXTENT_BOX_112))
+        return _dense_box("300w", S, *template_box(p5, EXTENT_BOX_112))
     if framing == "aflw_box":
         if face.box is not None:
             return _dense_box("aflw19", S, np.eye(3), np.asarray(face.box, np.float64))
-        return _dense_box("aflw19", S, *_template_box(p5, DETECTOR_BOX_112))
+        return _dense_box("aflw19", S, *template_box(p5, DETECTOR_BOX_112))
     if framing == "celebahq":
         return Warp(celebahq_matrix(p5, S), S)
     if framing == "lapa":
@@ -166,7 +166,7 @@ def build_warp(framing: str, face: FaceGeometry, S: int) -> Warp:
     if framing == "celeba":
         return Warp(_resize_matrix(178, 218, S) @ _to_template(p5, CELEBA_5), S)
     if framing == "box_112":
-        U, box = _template_box(p5, DETECTOR_BOX_112)
+        U, box = template_box(p5, DETECTOR_BOX_112)
         x1, y1, x2, y2 = box
         side = max(x2 - x1, y2 - y1)
         cx, cy = (x1 + x2) / 2, (y1 + y2) / 2

@@ -235,7 +235,7 @@ def face_record(photo: Photo, index: int, g: framing.FaceGeometry) -> dict:
 
 
 def _box_of_points(p5: np.ndarray) -> np.ndarray:
-    U, box = framing._template_box(p5, framing.DETECTOR_BOX_112)
+    U, box = framing.template_box(p5, framing.DETECTOR_BOX_112)
     x1, y1, x2, y2 = box
     c = np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]]) @ U[:2, :2]           # back from the upright frame
     return np.concatenate([c.min(0), c.max(0)])
