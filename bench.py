@@ -5,6 +5,7 @@
     python bench.py ops --only gpu          # GPU sections only
     python bench.py predict                 # all-head predict vs per-head, Faceptor-Base, batch 1, 2 threads, fp32
     python bench.py data --sizes 64 112     # data throughput per CPU-second (nothing is written)
+    python bench.py pipeline                # predict.py's whole pipeline on a folder of photos; detection alone
 
 Section `ops`, CPU:
   * heatmap -> coordinates (eq. 9): C++ op vs PyTorch reference, B in {4, 64}, K = 68, 128x128, fwd and fwd+bwd.
@@ -21,6 +22,10 @@ GPU (only when CUDA is available):
 Section `predict`: `Faceptor.predict` (encoder once per input size, all heads in one decoder pass) against the
 same model run the way the authors' evaluation runs it (encoder and decoder once per task head); both timed
 alternately in one run, so machine noise hits both alike.
+Section `pipeline`: faces per second of predict.py's pipeline (decode, MTCNN, framing, model, mapping back,
+writing) on a folder of 640x480 photos made from tests/data/astronaut_256.png (one face each, at several sizes and
+places), Faceptor-Base with random weights and the real-data framings (the authors' checkpoints' case), 2 threads,
+with each stage's share; then MTCNN alone on one 640x480 photo (median). Needs the MTCNN weights.
 Section `data`: SyntheticFaces items/s at several sizes, RecordIO random reads/s (with and without JPEG decode),
 and the 112-px and 512-px training transforms; per wall-clock second and per CPU-second of this process.
 """
@@ -295,6 +300,61 @@ def section_predict(args):
 
 
 
+
+def pipeline_photos(folder: str, n: int):
+    """n 640x480 photos: the astronaut test photo at random scale and place on a grey gradient."""
+    from PIL import Image
+    src = Image.open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "data", "astronaut_256.png"))
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(60, 200, 640, dtype=np.float32)[None, :, None].repeat(480, 0).repeat(3, 2)
+    for i in range(n):
+        side = int(rng.integers(200, 420))
+        canvas = Image.fromarray(ramp.astype(np.uint8))
+        canvas.paste(src.convert("RGB").resize((side, side), Image.Resampling.BILINEAR),
+                     (int(rng.integers(0, 640 - side)), int(rng.integers(0, 480 - side))))
+        canvas.save(os.path.join(folder, f"photo_{i:03d}.jpg"), quality=92)
+
+
+def section_pipeline(args):
+    """predict.py's whole pipeline, faces/s and stage shares; MTCNN alone on a 640x480 photo."""
+    import detect
+    import framing
+    import predict
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = getattr(FaceptorConfig, args.preset)()
+    model = Faceptor(model).eval()
+    framings = framing.head_framings(model.cfg.tasks, {"data": "synthetic"} if args.synthetic_framing else None)
+    with tempfile.TemporaryDirectory() as tmp:
+        pipeline_photos(tmp, args.photos)
+        out = os.path.join(tmp, "out")
+        pargs = predict.parse_args(["-", tmp, "--out-dir", out, "--batch-size", str(args.batch), "--no-draw"])
+        det = detect.MTCNN.from_weights(args.detector_weights)
+        photo = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(os.path.join(tmp, "photo_000.jpg")))
+        det.detect(photo)                                                           # warm-up
+        predict.process(model, framings, list(model.cfg.tasks), predict.parse_args(
+            ["-", os.path.join(tmp, "photo_000.jpg"), "--out-dir", out, "--no-draw"]), det)
+        t0, c0 = time.perf_counter(), time.process_time()
+        failed, n_img, n_faces, timer, _ = predict.process(model, framings, list(model.cfg.tasks), pargs, det)
+        wall, cpu_all = time.perf_counter() - t0, time.process_time() - c0
+        times, cpu = [], []
+        for _ in range(args.repeats):
+            t, c = time.perf_counter(), time.process_time()
+            det.detect(photo)
+            times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+    groups = len(set(framings.values()))
+    print(f"pipeline: Faceptor-{args.preset} ({len(model.cfg.tasks)} heads, {groups} framings), random weights, "
+          f"{args.threads} threads, fp32, batch {args.batch}")
+    print(f"  {n_img} photos 640x480, {n_faces} faces, {failed} failed: {wall:.2f} s, {n_faces / wall:.3f} faces/s "
+          f"({cpu_all:.2f} CPU-seconds of this process, {cpu_all / max(n_faces, 1):.2f} per face)")
+    total = sum(timer.values())
+    print("  stages: " + ", ".join(f"{k} {v / total:.1%}" for k, v in timer.items()))
+    print(f"  MTCNN alone, 640x480, median of {args.repeats}: {statistics.median(times) * 1000:.1f} ms wall "
+          f"(min {min(times) * 1000:.1f} ms), {statistics.median(cpu) * 1000:.1f} ms CPU time of this process")
+    print(f"  load average during the run: {os.getloadavg()[0]:.1f} (1 min) on {os.cpu_count()} CPUs")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="section", required=True)
@@ -317,8 +377,18 @@ def main():
     p.add_argument("--seconds", type=float, default=2.0, help="time spent on each measurement")
     p.add_argument("--records", type=int, default=20000, help="number of records in the temporary .rec file")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 = per-core numbers)")
+    p = sub.add_parser("pipeline", help=section_pipeline.__doc__)
+    p.add_argument("--preset", default="base", choices=["base", "full", "tiny"], help="model configuration")
+    p.add_argument("--photos", type=int, default=8, help="photos in the folder (one face each)")
+    p.add_argument("--batch", type=int, default=8, help="faces per model call")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--repeats", type=int, default=11, help="timed MTCNN runs on one photo (median reported)")
+    p.add_argument("--synthetic-framing", action="store_true",
+                   help="the framings of a SyntheticFaces checkpoint (2 encoder passes) instead of the real ones")
+    p.add_argument("--detector-weights", default=None, help="folder with MTCNN pnet.pt, rnet.pt, onet.pt")
     args = ap.parse_args()
-    {"ops": section_ops, "predict": section_predict, "data": section_data}[args.section](args)
+    {"ops": section_ops, "predict": section_predict, "data": section_data,
+     "pipeline": section_pipeline}[args.section](args)
 
 
 if __name__ == "__main__":

@@ -311,3 +311,47 @@ def resolve_checkpoint(path: str, stage: int | None = None) -> str:
         if found:
             return found[-1]
     raise CheckpointError(f"checkpoint folder {path!r}: no stage{stage or '{1,2}'}_step*.pt inside")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The authors' released checkpoints as models (predict.py): dimensions read from the tensors
+
+def model_from_official(path: str) -> Tuple[nn.Module, dict]:
+    """(model in eval mode, extras) from the authors' checkpoint file (e.g. checkpoint_rank0_iter_50000.pth.tar:
+    Faceptor Base / Full stage 1, stage 2, or Naive Faceptor). Widths, depths, the position grid and the task
+    heads are read from the tensors; attention heads follow the authors' configurations (encoder width / 64,
+    decoder 8); the 512-px group runs at the position table's native size (patch x grid, 512 for theirs) and the
+    112-px group at 112. Layer-Attention layers: 2, 4, 6, 8, 10 of 12 (spread alike over other depths)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r}: no such file")
+    try:
+        sd, extras = convert_official_state_dict(path)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path!r}: not one of the authors' Faceptor checkpoints ({e})") from e
+    need = ("encoder.conv1.weight", "encoder.positional_embedding", "encoder.proj")
+    if not extras["tasks"] or any(k not in sd for k in need):
+        raise CheckpointError(f"checkpoint {path!r}: expected the authors' 'state_dict' with backbone_module.visual.* "
+                              f"and task heads; found tasks {list(extras['tasks'])}")
+    conv = sd["encoder.conv1.weight"]                                                  # [C_en, 3, P, P]
+    width, patch = conv.shape[0], conv.shape[-1]
+    layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.blocks."))
+    grid = int(round((sd["encoder.positional_embedding"].shape[0] - 1) ** 0.5))
+    kw = dict(vit_width=width, vit_layers=layers, vit_heads=max(1, width // 64), patch_size=patch, pos_grid=grid,
+              drop_path=0.0, clip_dim=sd["encoder.proj"].shape[1], tasks=extras["tasks"], stage=extras["stage"],
+              la_layers=tuple(max(1, min(layers - 1, round(i * layers / 6))) for i in range(1, 6)),
+              size_512=patch * grid, size_112=112 if 112 % patch == 0 else patch * max(1, round(112 / patch)))
+    if extras["kind"] == "faceptor":
+        dec = sorted({int(k.split(".")[2]) for k in sd if k.startswith("decoder.layers.")})
+        kw.update(dec_dim=sd["projection.convs.0.weight"].shape[0], dec_layers=len(dec),
+                  dec_ffn=sd["decoder.layers.0.ffn.linear1.weight"].shape[0])
+        kw["dec_heads"] = 8 if kw["dec_dim"] % 8 == 0 else 1
+    emb = [sd[k] for k in ("identity_head.head.2.weight", "heads.recognition.head.2.weight") if k in sd]
+    if emb:
+        kw["embed_dim"] = emb[0].shape[0]                                              # [embed, C_en]
+    try:
+        model = build_model(extras["kind"], FaceptorConfig(**kw))
+        model.load_state_dict(sd, strict=True)
+    except (ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path!r}: its tensors do not fit a {extras['kind']} model of the "
+                              f"dimensions read from it ({str(e).splitlines()[0]})") from e
+    return model.eval(), extras

@@ -77,28 +77,35 @@ def test_evaluate_cli_writes_synthetic_json(default_run, tmp_path, stage):
 
 
 def test_predict_cli(default_run, tmp_path):
+    """predict.py on a trained checkpoint: a synthetic face pasted into a larger picture, its five points given."""
     from PIL import Image
     from data.synthetic import SyntheticFaces
+    import framing
     out, _, _ = default_run
     face = SyntheticFaces("test", size=96)[0]
+    pic = np.full((160, 200, 3), 90, np.uint8)
+    pic[30:126, 60:156] = face["image"].permute(1, 2, 0).numpy()
     img = tmp_path / "face.png"
-    Image.fromarray(face["image"].permute(1, 2, 0).numpy()).save(img)
-    proc = _run([sys.executable, "predict.py", train.checkpoints(out, 1)[-1], str(img), "--box", "10", "10", "80",
-                 "90", "--out-dir", str(tmp_path / "pred")])
-    res = json.loads(proc.stdout)
-    pts = np.asarray(res["landmarks"]["300w"])
-    assert pts.shape == (68, 2)
-    x0, y0, x1, y1 = res["face_region"]                      # square of side 80 on the box centre (45, 50)
-    assert (x0, y0, x1, y1) == (5.0, 10.0, 85.0, 90.0)
-    assert (pts[:, 0] >= x0 - 0.5).all() and (pts[:, 0] <= x1).all()
-    areas = res["parsing_areas"]["celebamask_hq"]
-    assert abs(sum(areas.values()) - 1.0) < 1e-3 and set(areas) <= set(evaluate_classes())
-    assert set(res["expression"]["affectnet"]["probabilities"]) == {"neutral", "happiness", "sadness", "surprise",
-                                                                     "fear", "disgust", "anger"}
-    assert all(v > 0.5 for v in res["attributes"]["celeba"].values())
-    emb = np.load(res["embedding"]["ms1mv3"]["path"])
+    Image.fromarray(pic).save(img)
+    p5 = framing.five_points_68(face["landmarks"].double().numpy()) + [60, 30]
+    proc = _run([sys.executable, "predict.py", train.checkpoints(out, 1)[-1], str(img), "--points5",
+                 *map(str, p5.reshape(-1)), "--out-dir", str(tmp_path / "pred"), "--save-mask"])
+    assert f"{img}: 1 face(s)" in proc.stdout
+    with open(tmp_path / "pred" / "predictions.jsonl") as f:
+        res = [json.loads(line) for line in f]
+    assert len(res) == 1 and res[0]["face"] == 0 and res[0]["score"] is None
+    r = res[0]
+    pts = np.asarray(r["300w"]["points"])
+    assert pts.shape == (68, 2) and (pts[:, 0] > 60 - 10).all() and (pts[:, 0] < 156 + 10).all()
+    areas = r["celebamask_hq"]["areas"]
+    assert abs(sum(areas.values()) - 1.0) < 1e-3 and len(areas) == 19
+    assert Image.open(r["celebamask_hq"]["mask"]).size == (200, 160)
+    assert set(r["affectnet"]["probs"]) == {"neutral", "happiness", "sadness", "surprise", "fear", "disgust", "anger"}
+    assert len(r["celeba"]["probs"]) == 40
+    emb = np.load(r["ms1mv3"]["embedding"])
     assert emb.shape == (train.model_config(train.PRESETS["demo"], 1).embed_dim,)   # the demo model's embedding
-    assert os.path.isfile(res["drawing"]) and Image.open(res["drawing"]).size == (96, 96)
+    assert abs(np.linalg.norm(emb) - 1) < 1e-4
+    assert Image.open(tmp_path / "pred" / "face_prediction.png").size == (200, 160)
 
 
 def evaluate_classes():
@@ -150,9 +157,9 @@ def test_benchmark_protocols_on_fixture_datasets(tmp_path):
     assert "| 300w/common |" in table and "| verification/lfw |" in table
 
 
-def test_predict_image_lists_attributes_above_half():
-    """Attributes with probability above 0.5 are reported by name with their probability."""
-    from PIL import Image
+def test_predict_photo_reports_every_attribute_by_name():
+    """Every attribute is reported by its CelebA name (lower case) with its probability."""
+    import framing
     import predict
     from data.synthetic import SyntheticFaces
     torch.manual_seed(0)
@@ -160,7 +167,10 @@ def test_predict_image_lists_attributes_above_half():
     with torch.no_grad():
         model.value_head.fc.weight.zero_()
         model.value_head.fc.bias.fill_(2.0)                   # every attribute logit = 2 -> p = 0.881
-    face = SyntheticFaces("test", size=64)[0]["image"].permute(1, 2, 0).numpy()
-    res, _ = predict.predict_image(model, Image.fromarray(face))
-    attrs = res["attributes"]["celeba"]
+    item = SyntheticFaces("test", size=64)[0]
+    p5 = framing.five_points_68(item["landmarks"].double().numpy())
+    recs, _ = predict.predict_photo(model, framing.head_framings(model.cfg.tasks, {"data": "synthetic"}),
+                                    item["image"].permute(1, 2, 0).numpy(), [framing.FaceGeometry(p5, None)])
+    attrs = recs[0]["celeba"]["probs"]
     assert len(attrs) == 40 and all(abs(v - 0.8808) < 1e-3 for v in attrs.values())
+    assert list(attrs)[0] == "5_o_clock_shadow" and list(attrs)[-1] == "young"
