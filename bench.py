@@ -5,6 +5,7 @@
     python bench.py ops --only gpu          # GPU sections only
     python bench.py predict                 # all-head predict vs per-head, Faceptor-Base, batch 1, 2 threads, fp32
     python bench.py data --sizes 64 112     # data throughput per CPU-second (nothing is written)
+    python bench.py train --steps 12        # where one default-run step spends its CPU time (2 processes)
 
 Section `ops`, CPU:
   * heatmap -> coordinates (eq. 9): C++ op vs PyTorch reference, B in {4, 64}, K = 68, 128x128, fwd and fwd+bwd.
@@ -23,6 +24,10 @@ same model run the way the authors' evaluation runs it (encoder and decoder once
 alternately in one run, so machine noise hits both alike.
 Section `data`: SyntheticFaces items/s at several sizes, RecordIO random reads/s (with and without JPEG decode),
 and the 112-px and 512-px training transforms; per wall-clock second and per CPU-second of this process.
+Section `train`: one default-run training step per process, split into data (drawing, cache + collation),
+encoder, decoder, pixel decoder + heads, losses, backward, optimiser and the gradient all-reduce; `--world`
+processes with one thread each (gloo), as `torchrun --nproc_per_node=2 train.py` runs them. CPU time per process
+(time.process_time), so other jobs on the machine do not inflate it; the all-reduce also in wall-clock time.
 """
 import argparse
 import io
@@ -267,7 +272,7 @@ def section_predict(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = getattr(FaceptorConfig, args.preset)()
-    model = Faceptor(cfg).eval()
+    model = Faceptor(cfg).eval().requires_grad_(False)
     x512 = torch.randn(args.batch, 3, cfg.size_512, cfg.size_512)
     x112 = torch.randn(args.batch, 3, cfg.size_112, cfg.size_112)
 
@@ -292,7 +297,172 @@ def section_predict(args):
     print(f"  per-head (encoder + decoder once per head): {med['per-head'] * 1000:8.1f} ms")
     print(f"  predict  (one pass over all heads):         {med['predict'] * 1000:8.1f} ms")
     print(f"  speed-up: {med['per-head'] / med['predict']:.2f}x   (max abs difference of outputs {err:.2e})")
+    flops = {"predict": count_flops(one_pass), "per-head": count_flops(per_head),
+             "encoders": count_flops(lambda: (model.encoder(x512), model.encoder(x112)))}
+    gflops = matmul_rate(args.threads)
+    print(f"  arithmetic: predict {flops['predict'] / 1e9:.1f} GFLOP, per-head {flops['per-head'] / 1e9:.1f} GFLOP "
+          f"(ratio {flops['per-head'] / flops['predict']:.2f}), the two encoders alone {flops['encoders'] / 1e9:.1f}")
+    floor = flops["encoders"] / (gflops * 1e9)
+    print(f"  fp32 matmul 4096^3 on {args.threads} threads: {gflops:.1f} GFLOP/s -> encoder floor {floor * 1000:.1f} ms; "
+          f"predict runs at {flops['predict'] / med['predict'] / 1e9:.1f} GFLOP/s, {med['predict'] / floor:.2f}x the floor")
 
+
+def count_flops(fn) -> int:
+    """Floating-point operations of fn() (torch.utils.flop_counter; matmuls, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_rate(threads: int, n: int = 4096, reps: int = 3) -> float:
+    """GFLOP/s of a large fp32 matmul on this many threads: the machine's practical arithmetic ceiling."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+# -- section train: where one default-run step spends its CPU time ----------------------------------------------
+STEP_PARTS = {"encoder": "encoder", "projection": "decoder (projection, queries, cross-attention)",
+              "decoder": "decoder (projection, queries, cross-attention)", "pixel_decoder": "pixel decoder + heads",
+              "dense_head": "pixel decoder + heads", "value_head": "pixel decoder + heads",
+              "identity_head": "pixel decoder + heads"}
+
+
+STEP_ROWS = ("data: drawing", "data: face", "encoder", "decoder", "pixel", "losses", "backward", "all-reduce (CPU)",
+             "optimiser")
+
+
+def _timed_render(clock, spent):
+    """data.synthetic.render wrapped so that the drawing of cache misses is timed apart from the rest of the data;
+    spent = [seconds, faces drawn]."""
+    import data.synthetic as synthetic
+    render = synthetic.render
+
+    def timed(*a, **k):
+        t = clock()
+        out = render(*a, **k)
+        spent[0] += clock() - t
+        spent[1] += 1
+        return out
+    synthetic.render = timed
+
+
+def _distinct_draws(cfg, mcfg, rank, world, steps):
+    """Faces one rank draws in a whole run (cache misses): distinct (size, framing, index) over every head."""
+    import train
+    from data.composer import InfiniteSampler, item_seed
+    keys = set()
+    for i, (head, (n, _)) in enumerate(cfg.heads.items()):
+        ds = train.synthetic_dataset(head, cfg, mcfg)
+        sampler = InfiniteSampler(len(ds), int(n), item_seed(cfg.seed, i), rank, world)
+        for _ in range(steps):
+            keys.update((ds.size, ds.framing, k[0]) for k in sampler.next_keys())
+    return len(keys)
+
+
+def _train_worker(rank, world, args, port, queue):
+    import torch.distributed as dist
+    import losses
+    import train
+    from data.composer import MultiTaskComposer
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    cfg = train.PRESETS[args.preset]
+    mcfg = train.model_config(cfg, 1)
+    torch.manual_seed(cfg.seed)
+    model = Faceptor(mcfg)
+    train.init_readout(model, cfg.readout_offset)
+    datasets = {h: train.synthetic_dataset(h, cfg, mcfg) for h in cfg.heads}
+    composer = MultiTaskComposer([(h, datasets[h], int(v[0])) for h, v in cfg.heads.items()], seed=cfg.seed,
+                                 rank=rank, world_size=world)
+    cosface = losses.CosFace(mcfg.embed_dim, cfg.synthetic_identities)
+    unused = ("encoder.ln_post.", "encoder.proj")
+    params = [p for n, p in model.named_parameters() if not n.startswith(unused)] + list(cosface.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    weights = {h: float(v[1]) for h, v in cfg.heads.items()}
+    clock, drawn, cur, started = time.process_time, [0.0, 0], {}, {}
+    _timed_render(clock, drawn)
+    for name, part in STEP_PARTS.items():
+        m = getattr(model, name)
+        m.register_forward_pre_hook(lambda mod, a, name=name: started.__setitem__(name, clock()))
+        m.register_forward_hook(lambda mod, a, o, name=name, part=part: cur.__setitem__(
+            part, cur.get(part, 0.0) + clock() - started[name]))
+    rows, faces = [], 0
+    for step in range(args.warmup_steps + args.steps):
+        cur.clear()
+        drawn[0] = 0.0
+        position = composer.state_dict()
+        t0 = clock()
+        batches = composer.next_batch()
+        t1 = clock()
+        outputs = model.forward_tasks({h: b["image"] for h, b in batches.items()})
+        t2 = clock()
+        head_losses = {h: losses.task_loss(TASKS[h].type, outputs[h], batches[h], cosface) for h in batches}
+        loss = losses.multitask_loss(head_losses, weights)
+        t3 = clock()
+        loss.backward()
+        t4 = clock()
+        flat = torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None])   # DDP: the same bytes
+        w = time.perf_counter()
+        dist.all_reduce(flat)
+        t5, wall = clock(), time.perf_counter() - w
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t6 = clock()
+        forward_parts = sum(cur.values())
+        row = {"data: drawing (cache misses)": drawn[0], "data: face parameters, cache, collation": t1 - t0 - drawn[0], **cur}
+        row["pixel decoder + heads"] = row.get("pixel decoder + heads", 0.0) + (t2 - t1) - forward_parts
+        row.update({"losses": t3 - t2, "backward": t4 - t3, "all-reduce (CPU)": t5 - t4,
+                    "optimiser (clip + AdamW)": t6 - t5, "total": t6 - t0,
+                    "all-reduce (wall, incl. waiting for the other ranks)": wall})
+        if step >= args.warmup_steps:
+            rows.append(row)
+            faces += drawn[1]
+        drawn[1] = 0
+    draws = _distinct_draws(cfg, mcfg, rank, world, cfg.steps)
+    means = {k: statistics.mean(r[k] for r in rows) for k in rows[0]}
+    composer.load_state_dict(position)                # the last batch again: every face is a cache hit now
+    t = clock()
+    composer.next_batch()
+    means["data: one batch again, all cache hits"] = clock() - t
+    queue.put((rank, means, means["data: drawing (cache misses)"] * len(rows) / max(1, faces), draws, cfg.steps))
+    dist.destroy_process_group()
+
+
+def section_train(args):
+    """Per-step CPU time of the default run, by phase, on `--world` processes x 1 thread."""
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = 29500 + os.getpid() % 1000
+    procs = [ctx.Process(target=_train_worker, args=(r, args.world, args, port, queue)) for r in range(args.world)]
+    for p in procs:
+        p.start()
+    results = {}
+    for _ in procs:
+        rank, *result = queue.get()
+        results[rank] = result
+    for p in procs:
+        p.join()
+    means, per_draw, draws, steps = results[0]
+    total = means["total"]
+    print(f"preset {args.preset}, {args.world} processes x 1 thread, torch {torch.__version__}, ATen CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, mean of steps {args.warmup_steps + 1}-"
+          f"{args.warmup_steps + args.steps} (cache cold: every face is drawn), rank 0, CPU ms per step")
+    for k, v in means.items():
+        share = f"{100 * v / total:5.1f} %" if k.startswith(tuple(STEP_ROWS)) else "       "
+        print(f"  {k:52s} {1000 * v:8.1f}  {share}")
+    print(f"  one face: {1000 * per_draw:.2f} ms to draw; a whole {steps}-step run draws {draws} distinct faces on "
+          f"rank 0 (the rest are cache hits): {1000 * per_draw * draws / steps:.1f} ms of drawing per step on average")
 
 
 def main():
@@ -317,8 +487,13 @@ def main():
     p.add_argument("--seconds", type=float, default=2.0, help="time spent on each measurement")
     p.add_argument("--records", type=int, default=20000, help="number of records in the temporary .rec file")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 = per-core numbers)")
+    p = sub.add_parser("train", help=section_train.__doc__)
+    p.add_argument("--preset", default="demo", choices=["demo", "demo-long"], help="training preset (stage 1)")
+    p.add_argument("--world", type=int, default=2, help="processes (one thread each), as torchrun would start")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (averaged)")
+    p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first (allocations, lazy init)")
     args = ap.parse_args()
-    {"ops": section_ops, "predict": section_predict, "data": section_data}[args.section](args)
+    {"ops": section_ops, "predict": section_predict, "data": section_data, "train": section_train}[args.section](args)
 
 
 if __name__ == "__main__":
