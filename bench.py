@@ -24,10 +24,10 @@ same model run the way the authors' evaluation runs it (encoder and decoder once
 alternately in one run, so machine noise hits both alike.
 Section `data`: SyntheticFaces items/s at several sizes, RecordIO random reads/s (with and without JPEG decode),
 and the 112-px and 512-px training transforms; per wall-clock second and per CPU-second of this process.
-Section `train` (bench_train.py): one default-run training step per process, split into data (drawing, cache + collation),
-encoder, decoder, pixel decoder + heads, losses, backward, optimiser and the gradient all-reduce; `--world`
-processes with one thread each (gloo), as `torchrun --nproc_per_node=2 train.py` runs them. CPU time per process
-(time.process_time), so other jobs on the machine do not inflate it; the all-reduce also in wall-clock time.
+Section `train` (bench_train.py): one default-run training step per process, split into data (drawing, cache +
+collation), encoder, decoder, pixel decoder + heads, losses, backward, optimiser and the gradient all-reduce;
+`--world` processes with one thread each (gloo), as `torchrun --nproc_per_node=2 train.py` runs them. CPU time per
+process (time.process_time), so other jobs on the machine do not inflate it; the all-reduce also in wall-clock time.
 """
 import argparse
 import io
