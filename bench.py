@@ -298,8 +298,13 @@ def section_predict(args):
     print(f"  per-head (encoder + decoder once per head): {med['per-head'] * 1000:8.1f} ms")
     print(f"  predict  (one pass over all heads):         {med['predict'] * 1000:8.1f} ms")
     print(f"  speed-up: {med['per-head'] / med['predict']:.2f}x   (max abs difference of outputs {err:.2e})")
-    flops = {"predict": count_flops(one_pass), "per-head": count_flops(per_head),
-             "encoders": count_flops(lambda: (model.encoder(x512), model.encoder(x112)))}
+    # counted on the meta device: CPU's fused attention kernel is invisible to the FLOP counter, the meta one is not
+    with torch.device("meta"):
+        meta = Faceptor(cfg).eval().requires_grad_(False)
+        m512, m112 = torch.empty_like(x512, device="meta"), torch.empty_like(x112, device="meta")
+    flops = {"predict": count_flops(lambda: meta.predict(images_512=m512, images_112=m112)),
+             "per-head": count_flops(lambda: [meta(m512 if TASKS[t].size == 512 else m112, t) for t in cfg.tasks]),
+             "encoders": count_flops(lambda: (meta.encoder(m512), meta.encoder(m112)))}
     gflops = matmul_rate(args.threads)
     print(f"  arithmetic: predict {flops['predict'] / 1e9:.1f} GFLOP, per-head {flops['per-head'] / 1e9:.1f} GFLOP "
           f"(ratio {flops['per-head'] / flops['predict']:.2f}), the two encoders alone {flops['encoders'] / 1e9:.1f}")
