@@ -6,6 +6,7 @@
     python bench.py predict                 # all-head predict vs per-head, Faceptor-Base, batch 1, 2 threads, fp32
     python bench.py data --sizes 64 112     # data throughput per CPU-second (nothing is written)
     python bench.py pipeline                # predict.py's whole pipeline on a folder of photos; detection alone
+    python bench.py train --steps 12        # where one default-run step spends its CPU time (2 processes)
 
 Section `ops`, CPU:
   * heatmap -> coordinates (eq. 9): C++ op vs PyTorch reference, B in {4, 64}, K = 68, 128x128, fwd and fwd+bwd.
@@ -28,6 +29,10 @@ places), Faceptor-Base with random weights and the real-data framings (the autho
 with each stage's share; then MTCNN alone on one 640x480 photo (median). Needs the MTCNN weights.
 Section `data`: SyntheticFaces items/s at several sizes, RecordIO random reads/s (with and without JPEG decode),
 and the 112-px and 512-px training transforms; per wall-clock second and per CPU-second of this process.
+Section `train` (bench_train.py): one default-run training step per process, split into data (drawing, cache +
+collation), encoder, decoder, pixel decoder + heads, losses, backward, optimiser and the gradient all-reduce;
+`--world` processes with one thread each (gloo), as `torchrun --nproc_per_node=2 train.py` runs them. CPU time per
+process (time.process_time), so other jobs on the machine do not inflate it; the all-reduce also in wall-clock time.
 """
 import argparse
 import io
@@ -42,6 +47,7 @@ import torch.nn as nn
 
 import decoder
 import ops
+from bench_train import section_train
 from data.dataset_io import decode_image
 from data.recordio import RecordIOReader, pack_irheader, unpack_irheader, write_recordio
 from data.synthetic import SyntheticFaces
@@ -272,7 +278,7 @@ def section_predict(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = getattr(FaceptorConfig, args.preset)()
-    model = Faceptor(cfg).eval()
+    model = Faceptor(cfg).eval().requires_grad_(False)
     x512 = torch.randn(args.batch, 3, cfg.size_512, cfg.size_512)
     x112 = torch.randn(args.batch, 3, cfg.size_112, cfg.size_112)
 
@@ -297,7 +303,41 @@ def section_predict(args):
     print(f"  per-head (encoder + decoder once per head): {med['per-head'] * 1000:8.1f} ms")
     print(f"  predict  (one pass over all heads):         {med['predict'] * 1000:8.1f} ms")
     print(f"  speed-up: {med['per-head'] / med['predict']:.2f}x   (max abs difference of outputs {err:.2e})")
+    # counted on the meta device: CPU's fused attention kernel is invisible to the FLOP counter, the meta one is not
+    with torch.device("meta"):
+        meta = Faceptor(cfg).eval().requires_grad_(False)
+        m512, m112 = torch.empty_like(x512, device="meta"), torch.empty_like(x112, device="meta")
+    flops = {"predict": count_flops(lambda: meta.predict(images_512=m512, images_112=m112)),
+             "per-head": count_flops(lambda: [meta(m512 if TASKS[t].size == 512 else m112, t) for t in cfg.tasks]),
+             "encoders": count_flops(lambda: (meta.encoder(m512), meta.encoder(m112)))}
+    gflops = matmul_rate(args.threads)
+    print(f"  arithmetic: predict {flops['predict'] / 1e9:.1f} GFLOP, per-head {flops['per-head'] / 1e9:.1f} GFLOP "
+          f"(ratio {flops['per-head'] / flops['predict']:.2f}), the two encoders alone {flops['encoders'] / 1e9:.1f}")
+    floor = flops["encoders"] / (gflops * 1e9)
+    print(f"  fp32 matmul 4096^3 on {args.threads} threads: {gflops:.1f} GFLOP/s -> encoder floor "
+          f"{floor * 1000:.1f} ms; predict runs at {flops['predict'] / med['predict'] / 1e9:.1f} GFLOP/s, "
+          f"{med['predict'] / floor:.2f}x the floor")
 
+
+def count_flops(fn) -> int:
+    """Floating-point operations of fn() (torch.utils.flop_counter; matmuls, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_rate(threads: int, n: int = 4096, reps: int = 3) -> float:
+    """GFLOP/s of a large fp32 matmul on this many threads: the machine's practical arithmetic ceiling."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
 
 
 
@@ -386,9 +426,14 @@ def main():
     p.add_argument("--synthetic-framing", action="store_true",
                    help="the framings of a SyntheticFaces checkpoint (2 encoder passes) instead of the real ones")
     p.add_argument("--detector-weights", default=None, help="folder with MTCNN pnet.pt, rnet.pt, onet.pt")
+    p = sub.add_parser("train", help=section_train.__doc__)
+    p.add_argument("--preset", default="demo", choices=["demo", "demo-long"], help="training preset (stage 1)")
+    p.add_argument("--world", type=int, default=2, help="processes (one thread each), as torchrun would start")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (averaged)")
+    p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first (allocations, lazy init)")
     args = ap.parse_args()
-    {"ops": section_ops, "predict": section_predict, "data": section_data,
-     "pipeline": section_pipeline}[args.section](args)
+    {"ops": section_ops, "predict": section_predict, "data": section_data, "pipeline": section_pipeline,
+     "train": section_train}[args.section](args)
 
 
 if __name__ == "__main__":
