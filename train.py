@@ -51,7 +51,7 @@ import math
 import re
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -394,6 +394,11 @@ def resolve_config(args) -> TrainConfig:
         cfg.steps = args.max_steps if args.max_steps is not None else 20000
         cfg.warmup = args.warmup if args.warmup is not None else 2000
         cfg.heads = {args.dataset: [TRANSFER_BATCH[args.dataset], 1.0]}
+        if cfg.data == "synthetic":         # synthetic faces have 68 landmarks, 19 parsing classes, 40 attributes
+            if not args.data_root:
+                raise SystemExit(f"--tune --dataset {args.dataset} on preset {cfg.preset!r}: pass --data-root with a "
+                                 f"{args.dataset}/ folder (the synthetic faces have no {args.dataset} labels)")
+            cfg.data = "real"
     if args.batch_scale:
         for v in cfg.heads.values():
             v[0] = max(1, int(round(v[0] * args.batch_scale)))
@@ -586,9 +591,6 @@ def main(argv=None):
               evaluate=not args.no_eval)
     restore(run, resume)
 
-    stop = {"signal": None}                                  # SIGTERM / Ctrl-C: save at the end of this step
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
     log(f"preset {cfg.preset} | stage {stage}{' | tune ' + args.tune if args.tune else ''} | {cfg.model} "
         f"{sum(p.numel() for p in model.parameters()):,} params ({sum(p.numel() for p in trainable):,} trained) | "
         f"{env.world} process(es) on {env.device.type} | {total} steps | heads "
@@ -597,21 +599,40 @@ def main(argv=None):
 
     set_train_mode(model)                    # frozen parts (stage 2, transfer) run as at test time
     t0 = time.time()
-    stopped = train_loop(run, DebugHooks(args, run, step_module), stop)
-    if stopped:
-        env.close()
-        return stopped
+    with stop_on_signal() as stop:
+        stopped = train_loop(run, DebugHooks(args, run, step_module), stop)
+    path = stopped or finish(run, t0)
+    env.close()
+    return path
+
+
+@contextmanager
+def stop_on_signal():
+    """SIGTERM / Ctrl-C set stop["signal"]; the loop then saves at the end of its step and returns. The previous
+    handlers come back afterwards."""
+    stop = {"signal": None}
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def finish(run: Run, t0: float) -> str:
+    """The final checkpoint and evaluation, and what to run next."""
     path = save(run, final=True)
     result = evaluate_now(run)
-    run.log(f"done: stage {stage}, {run.step} steps in {(time.time() - t0) / 60:.1f} min, {run.nonfinite_total} "
-            "non-finite step(s) skipped")
+    run.log(f"done: stage {run.stage}, {run.step} steps in {(time.time() - t0) / 60:.1f} min, "
+            f"{run.nonfinite_total} non-finite step(s) skipped")
     run.log(f"checkpoint: {path}")
-    if cfg.data == "synthetic":
-        run.log(f"next: python evaluate.py {cfg.out_dir}" + ("" if stage == 2 else
-                f"   |   torchrun --standalone --nproc_per_node={env.world} train.py --preset {cfg.preset} --stage 2"))
-    run.record({"type": "done", "stage": stage, "step": run.step, "checkpoint": path, "elapsed_s": time.time() - t0,
-                "eval": result})
-    env.close()
+    if run.cfg.data == "synthetic":
+        run.log(f"next: python evaluate.py {run.cfg.out_dir}" + ("" if run.stage == 2 else
+                f"   |   torchrun --standalone --nproc_per_node={run.env.world} train.py --preset {run.cfg.preset} "
+                "--stage 2"))
+    run.record({"type": "done", "stage": run.stage, "step": run.step, "checkpoint": path,
+                "elapsed_s": time.time() - t0, "eval": result})
     return path
 
 
