@@ -169,6 +169,47 @@ def test_kill9_then_resume_matches_uninterrupted(reference_run, tmp_path):
     assert a["composer"] == b["composer"]
 
 
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_signal_saves_and_resume_matches_uninterrupted(reference_run, tmp_path, how):
+    """Ctrl-C in a terminal (SIGINT to the launcher and both workers) or SIGTERM to the launcher alone (what a
+    scheduler sends; torchrun passes it on): the workers finish their step, save it and exit; --resume then ends
+    exactly where the uninterrupted run ends. Periodic checkpoints are off, so the only one is the signal's."""
+    ref_out, _ = reference_run
+    out = str(tmp_path / how)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           "--stage", "1", "--max-steps", str(STEPS), "--ckpt-every", "1000", "--out-dir", out,
+           "--debug-sleep", "0.5"] + SMALL
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        metrics, deadline = os.path.join(out, "metrics.jsonl"), time.time() + 180
+        while time.time() < deadline and not (os.path.exists(metrics) and '"train"' in open(metrics).read()):
+            assert proc.poll() is None, "the run ended before the signal"
+            time.sleep(0.05)
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "stopped by signal" in stdout, stdout[-3000:]
+    saved = checkpoint.checkpoints(out, 1)
+    assert len(saved) == 1, saved
+    stopped = checkpoint.load_checkpoint(saved[0])
+    assert 1 <= stopped["step"] < STEPS and not stopped["final"]
+    resumed = _ok(torchrun(["--stage", "1", "--out-dir", out, "--resume"] + SMALL))
+    assert f"resuming from {saved[0]}" in resumed.stdout
+    a, _ = _final_state(ref_out)
+    b, _ = _final_state(out)
+    assert a["step"] == b["step"] == STEPS and b["final"]
+    _assert_same_state(a["model"], b["model"], "model")
+    _assert_same_state(a["optimizer"]["state"][0], b["optimizer"]["state"][0], "optimizer state 0")
+    assert a["composer"] == b["composer"]
+
+
 def test_stage2_from_stage1_trains_only_stage2_parameters(reference_run, tmp_path):
     out, _ = reference_run
     s1, s1_path = _final_state(out)
