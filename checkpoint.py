@@ -1,7 +1,7 @@
 """Loading FaRL encoders and converting the authors' Faceptor checkpoints into this project's layout.
 
-Sources: ../shared/SPEC.md §3 (FaRL files) and §4 (level table), ../shared/reference/official_keys_*.tsv
-(every tensor name and shape of the authors' stage-1 Base/Full, stage-2 and Naive checkpoints).
+Sources: FaRL's CLIP-format files, and the tensor names and shapes of the authors' stage-1 Base/Full, stage-2
+and Naive checkpoints.
 
   * `load_farl(model, path_or_state_dict)`: FaRL ships a whole CLIP model under `state_dict`; the `visual.*`
     tensors are the encoder. The 14x14 (+1) position table is resized once (bicubic) to the model's pos_grid.
@@ -10,6 +10,8 @@ Sources: ../shared/SPEC.md §3 (FaRL files) and §4 (level table), ../shared/ref
     table is shared by all tasks ([level_embed; new_level_embed]); it is copied into every head's L_t (rows of the
     Layer-Attention layers are zero for a stage-1 checkpoint). The CosFace classifier goes to
     extras["cosface"][task]; extras also says "kind", "stage" and the "tasks" found.
+  * `load_official(model, path, allow_new_heads=False)`: converts and loads strictly (names and shapes); a head of
+    the model that the checkpoint lacks is an error naming it unless allowed; returns every CosFace classifier.
 Files are read with torch.load(weights_only=True): no pickled code is ever run.
 """
 from __future__ import annotations
