@@ -29,6 +29,7 @@ Divergences and choices (ours):
     head's L_t rows equal its first row (model.init_stage2); random values made the demo's stage 2 end below stage 1.
   * Parts that do not train run in eval mode (no drop-path, frozen BatchNorm statistics): in stage 2 and in
     transfer the frozen encoder (and, for `--tune prompt`, the whole model) behave as at test time.
+  * `--compile` (torch.compile of the training forward) is off by default: on CPU the first compile takes minutes.
   * MKL_CBWR=AUTO,STRICT is set by default so CPU runs are bit-reproducible (a resumed run equals an
     uninterrupted one); export another value to override.
 

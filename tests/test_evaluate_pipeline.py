@@ -142,6 +142,7 @@ def test_predict_image_lists_attributes_above_half():
     import predict
     from data.synthetic import SyntheticFaces
     torch.manual_seed(0)
+    from model import Faceptor, FaceptorConfig
     model = Faceptor(FaceptorConfig.tiny()).eval()
     with torch.no_grad():
         model.value_head.fc.weight.zero_()
