@@ -61,7 +61,7 @@ import torch.nn as nn
 import distributed
 import losses
 from train_run import DebugHooks, Progress, Run, _plain, cosface_weights, report_nonfinite, restore, save
-from checkpoint import checkpoints, load_checkpoint, load_farl, load_official, resolve_checkpoint
+from checkpoint import CheckpointError, checkpoints, load_checkpoint, load_farl, load_official, resolve_checkpoint
 from data.composer import MultiTaskComposer
 from model import TASKS, Faceptor, FaceptorConfig, build_model, init_stage2, stage2_parameters
 
@@ -415,8 +415,11 @@ def find_resume(args, cfg: TrainConfig, stage: int):
     """(path, checkpoint) of --resume, or (None, None)."""
     if not args.resume:
         return None, None
-    path = resolve_checkpoint(cfg.out_dir if args.resume == "latest" else args.resume, stage)
-    ckpt = load_checkpoint(path)
+    try:
+        path = resolve_checkpoint(cfg.out_dir if args.resume == "latest" else args.resume, stage)
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        raise SystemExit(f"--resume: {e}") from None
     if ckpt["stage"] != stage:
         raise SystemExit(f"--resume {path}: a stage-{ckpt['stage']} checkpoint, but --stage {stage}")
     return path, ckpt
@@ -428,8 +431,11 @@ def find_start(args, cfg: TrainConfig, stage: int):
     if args.from_ckpt is None and not checkpoints(src, 1):
         raise SystemExit(f"stage {stage}: no stage-1 checkpoint found in {src!r}; run --stage 1 first or pass "
                          "--from PATH")
-    path = resolve_checkpoint(src, 1)
-    ckpt = load_checkpoint(path)
+    try:
+        path = resolve_checkpoint(src, 1)
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        raise SystemExit(f"--from: {e}") from None
     if ckpt["stage"] != 1:
         raise SystemExit(f"--from {path}: expected a stage-1 checkpoint, got stage {ckpt['stage']}")
     return path, ckpt
