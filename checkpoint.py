@@ -10,6 +10,8 @@ stage-2 and Naive checkpoints are in tests/data/official_keys_*.tsv (the convert
     table is shared by all tasks ([level_embed; new_level_embed]); it is copied into every head's L_t (rows of the
     Layer-Attention layers are zero for a stage-1 checkpoint). The CosFace classifier goes to
     extras["cosface"][task]; extras also says "kind", "stage" and the "tasks" found.
+  * `load_official(model, path, allow_new_heads=False)`: converts and loads strictly (names and shapes); a head of
+    the model that the checkpoint lacks is an error naming it unless allowed; returns every CosFace classifier.
 Files are read with torch.load(weights_only=True): no pickled code is ever run.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import FaceptorConfig, build_model
+from model import TASKS, FaceptorConfig, NaiveFaceptor, build_model
 
 OFFICIAL_TASK_NAMES = {
     "align_300w": "300w", "align_wflw": "wflw", "align_cofw": "cofw", "align_aflw": "aflw19",
@@ -149,6 +151,44 @@ def convert_official_state_dict(sd, levels: int = 6) -> Tuple[Dict[str, torch.Te
                          f"layout: {left[:30]}")
     extras["tasks"] = tuple(t for t in _TASK_ORDER if t in tasks)
     return out, extras
+
+
+def _head_of(key: str) -> str | None:
+    """The task head a tensor of our layout belongs to (queries.<t>.*, heads.*.fcs.<t>.*), None if shared."""
+    return next((part for part in key.split(".") if part in TASKS), None)
+
+
+def load_official(model: nn.Module, path_or_sd, allow_new_heads: bool = False, what: str = "--init official"):
+    """Load the authors' checkpoint into `model` strictly; returns (cosface, report).
+
+    cosface: {task: classifier weight [identities, embed_dim]} for every recognition head of the model that the
+    checkpoint has. A head of the model that the checkpoint lacks is an error naming it, unless
+    `allow_new_heads` (it then keeps its initial values). Heads of the checkpoint that the model does not have
+    are left out and named in the report. Every other tensor must match by name and shape."""
+    name = os.fspath(path_or_sd) if isinstance(path_or_sd, (str, os.PathLike)) else "the state dict"
+    sd, extras = convert_official_state_dict(path_or_sd, levels=model.cfg.levels)
+    kind = "naive" if isinstance(model, NaiveFaceptor) else "faceptor"
+    if extras["kind"] != kind:
+        raise ValueError(f"{what} {name}: a {extras['kind']} checkpoint, but the model is {kind}")
+    mine, theirs = tuple(model.cfg.tasks), tuple(extras["tasks"])
+    new = [t for t in mine if t not in theirs]
+    if new and not allow_new_heads:
+        raise ValueError(f"{what} {name}: the checkpoint has no head {new} (it has {list(theirs)}); pass "
+                         "--allow-new-heads to start these heads from their initial values")
+    dropped = [t for t in theirs if t not in mine]
+    sd = {k: v for k, v in sd.items() if _head_of(k) not in dropped}
+    own = model.state_dict()
+    missing = sorted(k for k in set(own) - set(sd) if _head_of(k) not in new)
+    unexpected = sorted(set(sd) - set(own))
+    bad = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+           for k in sorted(set(sd) & set(own)) if sd[k].shape != own[k].shape]
+    if missing or unexpected or bad:
+        raise ValueError(f"{what} {name} does not fit the model: missing {missing[:10]}, unexpected "
+                         f"{unexpected[:10]}, shape mismatches {bad[:10]}")
+    model.load_state_dict(sd, strict=False)
+    cosface = {t: w for t, w in extras["cosface"].items() if t in mine}
+    return cosface, {"stage": extras["stage"], "new_heads": new, "dropped_heads": dropped,
+                     "tensors": len(sd)}
 
 
 def _convert_faceptor(src, take, tasks, stage, levels):

@@ -1,10 +1,10 @@
-"""Two-stage multi-task training of Faceptor (paper Sec. 3.3 and 4.1; docs/design.md sections 6-7), nanoGPT style.
+"""Two-stage multi-task training of Faceptor (paper Sec. 3.3 and 4.1), nanoGPT style.
 
     python train.py --stage 1                                        # demo preset: synthetic faces, tiny model, CPU
     torchrun --standalone --nproc_per_node=2 train.py --stage 1      # the same on 2 processes (DDP, gloo on CPU)
     torchrun --standalone --nproc_per_node=2 train.py --stage 2      # Layer-Attention on top of the latest stage 1
     torchrun --nproc_per_node=4 train.py --preset faceptor-base --data-root DATA --init farl FaRL-ep64.pth
-    python train.py --preset faceptor-base --tune prompt --dataset aflw19 --from out/faceptor-base/stage1_....pt
+    python train.py --preset faceptor-base --tune prompt --dataset aflw19 --from out/faceptor-base
     python train.py --resume                                         # continue the latest checkpoint of the preset
 
 One step draws one batch of n_t samples from every task head of the preset (per process), runs the encoder once
@@ -14,20 +14,29 @@ linear warm-up from 1e-6, then cosine to 0, gradient clipping at global norm 5.
 Stage 2 loads a stage-1 checkpoint into a stage-2 model (strict except the five new projections) and trains only
 `model.stage2_parameters` (L_t of the heads and the Layer-Attention projections).
 
+Where the weights come from: from scratch (stage 1), `--from` a stage-1 checkpoint of ours (stage 2, transfer),
+`--init farl PATH` (the encoder) or `--init official PATH` (the authors' checkpoint, every tensor checked; a head
+the checkpoint lacks is an error unless `--allow-new-heads`; each recognition head keeps its CosFace classifier),
+or `--resume` (everything, including the optimiser, the batch order and the random state).
+
 Divergences and choices (ours):
   * n_t of Tables 2 and 10 are per process (the authors trained on 4 GPUs with these per-GPU batch sizes).
   * Weight decay 0.05 applies to every trainable tensor (the paper names no exclusions).
-  * The demo presets are not in the paper: a tiny model on the built-in synthetic faces (synthetic.py) so the
-    whole pipeline runs on a CPU; their sizes, batches and weights are tuned for that setting.
+  * The demo presets are not in the paper: a tiny model on the built-in synthetic faces (data/synthetic.py) so
+    the whole pipeline runs on a CPU; their sizes, batches and weights are tuned for that setting.
   * bf16 autocast (CUDA) is an option; the authors computed in fp32.
   * Stage 2 starts next to the stage-1 function: the new projections are copies of the layer-12 one and each
     head's L_t rows equal its first row (model.init_stage2); random values made the demo's stage 2 end below stage 1.
+  * Parts that do not train run in eval mode (no drop-path, frozen BatchNorm statistics): in stage 2 and in
+    transfer the frozen encoder (and, for `--tune prompt`, the whole model) behave as at test time.
+  * `--compile` (torch.compile of the training forward) is off by default: on CPU the first compile takes minutes.
   * MKL_CBWR=AUTO,STRICT is set by default so CPU runs are bit-reproducible (a resumed run equals an
     uninterrupted one); export another value to override.
 
 Checkpoints (`out/<preset>/stage{s}_step{N}.pt`, the last K kept) hold only tensors and plain Python values
-(torch.load(weights_only=True) reads them): the model and CosFace state dicts, optimiser, schedule, GradScaler,
-every rank's batch-composer position and RNG states, the training and model configs as dicts.
+(torch.load(weights_only=True) reads them): the model state dict, one CosFace classifier per recognition head,
+optimiser, schedule, GradScaler, every rank's batch-composer position and RNG states, the training and model
+configs as dicts. SIGTERM or Ctrl-C saves one and exits; `--resume` continues exactly where it stopped.
 """
 from __future__ import annotations
 
@@ -39,33 +48,26 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import argparse
 import dataclasses
-import glob
-import hashlib
-import json
 import math
-import random
 import re
 import signal
-import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
+import distributed
 import losses
-import ops
+from train_run import DebugHooks, Progress, Run, _plain, cosface_weights, report_nonfinite, restore, save
+from checkpoint import CheckpointError, checkpoints, load_checkpoint, load_farl, load_official, resolve_checkpoint
 from data.composer import MultiTaskComposer
-from checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_save, checkpoints, convert_official_state_dict,  # noqa: F401
-                        load_checkpoint, load_farl, model_from_checkpoint)
-from model import TASKS, Faceptor, FaceptorConfig, NaiveFaceptor, build_model, init_stage2, stage2_parameters
+from model import TASKS, Faceptor, FaceptorConfig, build_model, init_stage2, stage2_parameters
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration: one dataclass; presets are named instances of it.
+
 
 @dataclass
 class TrainConfig:
@@ -104,15 +106,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
-
-
-def _plain(x):
-    """Tuples -> lists recursively, so a checkpoint holds only what torch.load(weights_only=True) accepts."""
-    if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
 
 
 BASE_HEADS = {"300w": [4, 1000.0], "celebamask_hq": [4, 100.0], "morph2": [64, 6.0], "affectnet": [64, 4.0],
@@ -160,10 +153,34 @@ PRESETS = {
 # Cross-dataset transfer (Table 9, appendix B.3): batch sizes of the new heads; 20,000 steps, 2,000 warm-up.
 TRANSFER_BATCH = {"aflw19": 8, "lapa": 8, "lfw73": 32}
 
+# Stage-1 wall-clock of the demo presets on the reference machine (2 CPU cores, 2 processes; README's results).
+# A run that measures less than half this speed says so at its first progress line.
+REFERENCE_MINUTES = {"demo": (700, 8.1), "demo-long": (2600, 50.9)}        # preset -> (steps, minutes)
+
+
+def reference_images_per_s(cfg: TrainConfig, run) -> float | None:
+    """Images per second of the preset's reference run (None: no reference for this run's batches)."""
+    if cfg.preset not in REFERENCE_MINUTES or run.stage != 1 or run.tune or cfg.heads != PRESETS[cfg.preset].heads:
+        return None
+    steps, minutes = REFERENCE_MINUTES[cfg.preset]
+    return steps * sum(int(v[0]) for v in PRESETS[cfg.preset].heads.values()) * 2 / (minutes * 60)
+
+
+def epoch_steps(cfg: TrainConfig, run) -> dict | None:
+    """{head: steps per epoch} when drawn items are cached (synthetic faces), else None."""
+    if cfg.data != "synthetic" or not cfg.synthetic_cache:
+        return None
+    return {h: -(-cfg.synthetic_train_length // (int(v[0]) * run.env.world)) for h, v in cfg.heads.items()}
+
 
 def model_config(cfg: TrainConfig, stage: int) -> FaceptorConfig:
     make = {"tiny": FaceptorConfig.tiny, "base": FaceptorConfig.base, "full": FaceptorConfig.full}[cfg.arch]
     return make(**{**cfg.arch_overrides, "tasks": tuple(cfg.heads), "stage": stage})
+
+
+def schedule_length(cfg: TrainConfig, stage: int) -> tuple:
+    """(total steps, warm-up steps) of a stage."""
+    return (cfg.steps, cfg.warmup) if stage == 1 else (cfg.stage2_steps, cfg.stage2_warmup)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -189,20 +206,6 @@ def synthetic_dataset(head: str, cfg: TrainConfig, mcfg: FaceptorConfig, split: 
                           task=TASKS[head].type, framing=framing, cache=cfg.synthetic_cache)
 
 
-def init_readout(model: nn.Module, offset: float):
-    """Dense read-out initialisation [ours, for from-scratch training]: E_pixel gets a constant unit channel (the
-    last ConvT's bias) and the dense MLP's output a matching bias, so every heatmap logit starts near `offset`.
-    With offset < 0 the sigmoid-weighted soft-argmax is not pulled to the map centre by thousands of background
-    pixels at sigmoid(0) = 0.5 before any peak has formed. Only initial values change, not the architecture."""
-    if not offset or not isinstance(model, Faceptor):
-        return
-    with torch.no_grad():
-        model.pixel_decoder[-1].bias.zero_()
-        model.pixel_decoder[-1].bias[0] = 1.0
-        model.dense_head.layers[-1].bias.zero_()
-        model.dense_head.layers[-1].bias[0] = offset
-
-
 def real_dataset(head: str, root: str, mcfg: FaceptorConfig, split: str = "train"):
     import data
     folder = os.path.join(root, head)
@@ -221,72 +224,103 @@ def num_identities(dataset) -> int:
                      "(attribute num_classes / n_identities)")
 
 
+def build_data(cfg: TrainConfig, mcfg: FaceptorConfig, data_root, env) -> tuple:
+    """(composer drawing one batch per head, {head: dataset})."""
+    if cfg.data != "synthetic" and not data_root:
+        raise SystemExit(f"preset {cfg.preset!r} trains on real datasets: pass --data-root")
+    datasets = {h: synthetic_dataset(h, cfg, mcfg) if cfg.data == "synthetic" else real_dataset(h, data_root, mcfg)
+                for h in cfg.heads}
+    composer = MultiTaskComposer([(h, datasets[h], int(cfg.heads[h][0])) for h in cfg.heads], seed=cfg.seed,
+                                 rank=env.rank, world_size=env.world, num_workers=cfg.num_workers)
+    return composer, datasets
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# The multi-task forward: encoder once per input size, then every head on its slice (paper Sec. 4.1).
+# The model's start and the multi-task forward (encoder once per input size, then every head on its slice)
+
+def init_readout(model: nn.Module, offset: float):
+    """Dense read-out initialisation [ours, for from-scratch training]: E_pixel gets a constant unit channel (the
+    last ConvT's bias) and the dense MLP's output a matching bias, so every heatmap logit starts near `offset`.
+    With offset < 0 the sigmoid-weighted soft-argmax is not pulled to the map centre by thousands of background
+    pixels at sigmoid(0) = 0.5 before any peak has formed. Only initial values change, not the architecture."""
+    if not offset or not isinstance(model, Faceptor):
+        return
+    with torch.no_grad():
+        model.pixel_decoder[-1].bias.zero_()
+        model.pixel_decoder[-1].bias[0] = 1.0
+        model.dense_head.layers[-1].bias.zero_()
+        model.dense_head.layers[-1].bias[0] = offset
+
+
+def build_cosface(cfg: TrainConfig, mcfg: FaceptorConfig, datasets: dict, start: dict) -> nn.ModuleDict:
+    """One CosFace classifier per recognition head, from `start` ({head: weight}) where it has one."""
+    cosface = nn.ModuleDict()
+    for h in (h for h in cfg.heads if TASKS[h].type == "recognition"):
+        n_ids = cfg.synthetic_identities if cfg.data == "synthetic" else num_identities(datasets[h])
+        cosface[h] = losses.CosFace(mcfg.embed_dim, n_ids)
+        if h in start:
+            if tuple(start[h].shape) != tuple(cosface[h].weight.shape):
+                raise SystemExit(f"CosFace classifier of {h!r}: the starting weights are {tuple(start[h].shape)}, "
+                                 f"this run needs {tuple(cosface[h].weight.shape)} (identities x embedding)")
+            with torch.no_grad():
+                cosface[h].weight.copy_(start[h])
+    return cosface
+
 
 class MultiTaskStep(nn.Module):
-    """model + CosFace classifier; forward(batches) -> {head: L_t}. One DDP forward per training step."""
+    """model + CosFace classifiers; forward(batches) -> {head: L_t}. One DDP forward per training step."""
 
-    def __init__(self, model: nn.Module, cosface: nn.Module | None):
+    def __init__(self, model: nn.Module, cosface: nn.ModuleDict):
         super().__init__()
         self.model, self.cosface = model, cosface
 
     def forward(self, batches: dict) -> dict:
         outputs = self.model.forward_tasks({h: b["image"] for h, b in batches.items()})  # encoder once per size
-        return {h: losses.task_loss(TASKS[h].type, outputs[h], batches[h], self.cosface) for h in batches}
+        return {h: losses.task_loss(TASKS[h].type, outputs[h], batches[h], self.cosface[h] if h in self.cosface
+                                    else None) for h in batches}
 
 
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    st = {"torch": torch.get_rng_state(),
-          "numpy_key": torch.from_numpy(np_state[1].astype(np.int64)),
-          "numpy_pos": int(np_state[2]), "numpy_gauss": [int(np_state[3]), float(np_state[4])],
-          "python": torch.tensor(py_state[1], dtype=torch.int64),
-          "python_gauss": py_state[2]}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state()
-    return st
+def set_train_mode(module: nn.Module) -> nn.Module:
+    """Train mode exactly where something trains: a sub-module none of whose parameters requires a gradient runs
+    in eval mode (no drop-path, BatchNorm statistics frozen); parameter-free children follow their parent."""
+    module.training = any(p.requires_grad for p in module.parameters())
+    for child in module.children():
+        if any(True for _ in child.parameters()):
+            set_train_mode(child)
+        else:
+            child.train(module.training)
+    return module
 
 
-def _set_rng_state(st: dict):
-    torch.set_rng_state(st["torch"])
-    np.random.set_state(("MT19937", st["numpy_key"].numpy().astype(np.uint32), st["numpy_pos"],
-                         st["numpy_gauss"][0], st["numpy_gauss"][1]))
-    random.setstate((3, tuple(int(v) for v in st["python"].tolist()), st["python_gauss"]))
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state(st["cuda"])
+def trainable_parameters(model: nn.Module, cfg: TrainConfig, stage: int, tune: str | None, dataset: str | None):
+    """Freeze everything, then unfreeze what this stage / transfer mode trains; returns those parameters."""
+    model.requires_grad_(False)
+    if stage == 2:
+        trainable = stage2_parameters(model, [h for h in cfg.heads if h in model.queries])
+    elif tune == "prompt":
+        trainable = list(model.queries[dataset].parameters()) if cfg.model == "faceptor" else \
+            [p for n, p in model.named_parameters() if f".{dataset}." in n]
+    elif tune == "decoder":
+        trainable = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
+    else:
+        unused = ("encoder.ln_post.", "encoder.proj")          # CLIP's read-out, kept only for loading
+        trainable = [p for n, p in model.named_parameters() if not n.startswith(unused)]
+    for p in trainable:
+        p.requires_grad_(True)
+    return trainable
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Distributed helpers
-
-def _gather(obj, world: int):
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _any(flag: bool, device) -> bool:
-    """True on every rank if `flag` is true on any rank."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
-def parameter_checksum(module: nn.Module) -> str:
-    """sha256 (16 hex digits) over every parameter's name and bytes (buffers such as BN statistics excluded:
-    DDP re-broadcasts them from rank 0 at the next forward)."""
-    h = hashlib.sha256()
-    for name, p in sorted(module.named_parameters()):
-        h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().numpy().tobytes() if p.dtype != torch.bfloat16
-                 else p.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+def make_optimizer(cfg: TrainConfig, model: nn.Module, trainable: list, cosface: nn.ModuleDict, stage: int):
+    """AdamW with two groups (encoder at lr, the rest at lr * lr_mult); returns (optimiser, peak lr per group)."""
+    cosface.requires_grad_(stage == 1)
+    enc_ids = {id(p) for p in model.encoder.parameters()}
+    enc = [p for p in trainable if id(p) in enc_ids]
+    rest = [p for p in trainable if id(p) not in enc_ids] + (list(cosface.parameters()) if stage == 1 else [])
+    groups = [g for g in ({"params": enc, "peak": cfg.lr}, {"params": rest, "peak": cfg.lr * cfg.lr_mult})
+              if g["params"]]
+    optimizer = torch.optim.AdamW([{"params": g["params"], "lr": cfg.warmup_start_lr} for g in groups],
+                                  betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    return optimizer, [g["peak"] for g in groups]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -298,17 +332,19 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="named training configuration")
     p.add_argument("--stage", type=int, default=1, choices=(1, 2), help="1: multi-task training; "
                    "2: Layer-Attention on top of a stage-1 checkpoint")
-    p.add_argument("--from", dest="from_ckpt", default=None, help="stage 2 / transfer: the stage-1 checkpoint to "
-                   "start from (default: the latest stage-1 checkpoint in the preset's out dir)")
+    p.add_argument("--from", dest="from_ckpt", default=None, help="stage 2 / transfer: the stage-1 checkpoint (or "
+                   "its run folder) to start from (default: the latest stage-1 checkpoint of the preset)")
     p.add_argument("--tune", choices=("prompt", "decoder", "full"), default=None, help="cross-dataset transfer "
                    "(Table 9): train the new head's queries / the decoders and outputs / everything")
     p.add_argument("--dataset", default=None, help="transfer: the new task head (e.g. aflw19, lapa, lfw73)")
     p.add_argument("--init", nargs=2, metavar=("KIND", "PATH"), default=None,
                    help="initialise from 'farl PATH' (encoder) or 'official PATH' (the authors' checkpoint)")
+    p.add_argument("--allow-new-heads", action="store_true", help="--init official: heads the checkpoint lacks "
+                   "start from their initial values instead of being an error")
     p.add_argument("--data-root", default=None, help="folder with one sub-folder per dataset (real presets)")
     p.add_argument("--out-dir", default=None, help="where checkpoints and logs go (default out/<preset>)")
-    p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue a run: a checkpoint path, or no value for the latest one of this stage")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, help="continue a run: a checkpoint or run "
+                   "folder, or no value for the latest checkpoint of this stage in the out dir")
     p.add_argument("--max-steps", type=int, default=None, help="override the number of steps of this stage")
     p.add_argument("--warmup", type=int, default=None, help="override the warm-up steps of this stage")
     p.add_argument("--lr", type=float, default=None, help="override the encoder peak learning rate")
@@ -325,6 +361,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                    help="autocast precision on CUDA (CPU always runs fp32)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training forward (off by default)")
     p.add_argument("--synthetic-length", type=int, default=None, help="items in the synthetic training split")
     p.add_argument("--synthetic-identities", type=int, default=None, help="identities in the synthetic training split")
     p.add_argument("--debug-checksums", action="store_true",
@@ -355,8 +392,14 @@ def resolve_config(args) -> TrainConfig:
     if args.tune:
         if args.dataset not in TRANSFER_BATCH:
             raise SystemExit(f"--tune needs --dataset, one of {sorted(TRANSFER_BATCH)}; got {args.dataset!r}")
-        cfg.steps, cfg.warmup = (args.max_steps or 20000), (args.warmup if args.warmup is not None else 2000)
+        cfg.steps = args.max_steps if args.max_steps is not None else 20000
+        cfg.warmup = args.warmup if args.warmup is not None else 2000
         cfg.heads = {args.dataset: [TRANSFER_BATCH[args.dataset], 1.0]}
+        if cfg.data == "synthetic":         # synthetic faces have 68 landmarks, 19 parsing classes, 40 attributes
+            if not args.data_root:
+                raise SystemExit(f"--tune --dataset {args.dataset} on preset {cfg.preset!r}: pass --data-root with a "
+                                 f"{args.dataset}/ folder (the synthetic faces have no {args.dataset} labels)")
+            cfg.data = "real"
     if args.batch_scale:
         for v in cfg.heads.values():
             v[0] = max(1, int(round(v[0] * args.batch_scale)))
@@ -366,338 +409,237 @@ def resolve_config(args) -> TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Where the weights come from: a checkpoint to resume, a stage-1 checkpoint to start from, FaRL / the authors'
+
+def find_resume(args, cfg: TrainConfig, stage: int):
+    """(path, checkpoint) of --resume, or (None, None)."""
+    if not args.resume:
+        return None, None
+    try:
+        path = resolve_checkpoint(cfg.out_dir if args.resume == "latest" else args.resume, stage)
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        raise SystemExit(f"--resume: {e}") from None
+    if ckpt["stage"] != stage:
+        raise SystemExit(f"--resume {path}: a stage-{ckpt['stage']} checkpoint, but --stage {stage}")
+    return path, ckpt
+
+
+def find_start(args, cfg: TrainConfig, stage: int):
+    """(path, checkpoint) of the stage-1 checkpoint that stage 2 or a transfer run starts from."""
+    src = args.from_ckpt or (cfg.out_dir if not args.tune else os.path.join("out", cfg.preset))
+    if args.from_ckpt is None and not checkpoints(src, 1):
+        raise SystemExit(f"stage {stage}: no stage-1 checkpoint found in {src!r}; run --stage 1 first or pass "
+                         "--from PATH")
+    try:
+        path = resolve_checkpoint(src, 1)
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        raise SystemExit(f"--from: {e}") from None
+    if ckpt["stage"] != 1:
+        raise SystemExit(f"--from {path}: expected a stage-1 checkpoint, got stage {ckpt['stage']}")
+    return path, ckpt
+
+
+def load_start(model: nn.Module, ckpt: dict, stage: int, new_head: str | None, path: str):
+    """Our stage-1 weights into a stage-2 or transfer model: strict except the new projections / the new head."""
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    allowed = (r"projection\.convs\.[1-9]\d*\." if stage == 2 else "$^",
+               rf"(queries\.{new_head}\.|.*\.{new_head}\.)" if new_head else "$^")
+    bad = [k for k in missing if not any(re.match(a, k) for a in allowed)]
+    if bad or unexpected:
+        raise SystemExit(f"--from {path}: the checkpoint does not fit: missing {bad}, unexpected {unexpected}")
+    if stage == 2:
+        init_stage2(model)                      # new projections = the layer-12 one, L_t rows equal (model.py)
+
+
+def init_weights(args, model: nn.Module, log) -> dict:
+    """--init farl / official; returns the CosFace weights it brings ({head: weight})."""
+    kind, path = args.init
+    if kind == "farl":
+        load_farl(model, path)
+        log(f"encoder initialised from FaRL {path}")
+        return {}
+    if kind != "official":
+        raise SystemExit(f"--init: KIND must be 'farl' or 'official', got {kind!r}")
+    try:
+        cosface, report = load_official(model, path, allow_new_heads=args.allow_new_heads)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    log(f"initialised from the authors' stage-{report['stage']} checkpoint {path}: {report['tensors']} tensors; "
+        f"CosFace of {sorted(cosface) or 'no head'}; new heads {report['new_heads'] or 'none'}; heads left out "
+        f"{report['dropped_heads'] or 'none'}")
+    return cosface
+
+
+def build_start(args, cfg: TrainConfig, stage: int, resume: dict | None, log):
+    """The model, its config, the (possibly updated) training config, and the CosFace weights to start from."""
+    torch.manual_seed(cfg.seed)                         # identical initialisation on every rank
+    if resume is not None:                              # weights, optimiser and the rest come in `restore`
+        cfg = TrainConfig(**{**resume["config"], "betas": tuple(resume["config"]["betas"])})
+        mcfg = FaceptorConfig(**resume["model_config"])
+        return build_model(cfg.model, mcfg), mcfg, cfg, {}
+    mcfg, start, cosface = model_config(cfg, stage), None, {}
+    if stage == 2 or args.tune:
+        path, start = find_start(args, cfg, stage)
+        base = dict(start["model_config"])
+        tasks = list(base["tasks"]) + ([args.dataset] if args.tune and args.dataset not in base["tasks"] else [])
+        mcfg = FaceptorConfig(**{**base, "tasks": tuple(tasks), "stage": stage})
+        cfg.model = start["kind"]
+        if stage == 2:                 # heads with queries; the identity head has nothing to train in stage 2
+            if start["kind"] != "faceptor":
+                raise SystemExit("stage 2 (Layer-Attention) exists only for Faceptor, not for Naive Faceptor")
+            cfg.heads = {k: v for k, v in cfg.heads.items() if k in mcfg.tasks and TASKS[k].type != "recognition"}
+        log(f"starting from {path} (step {start['step']})")
+    model = build_model(cfg.model, mcfg)
+    if start is None and not args.init:
+        init_readout(model, cfg.readout_offset)                                        # from scratch only
+    if start is not None:
+        load_start(model, start, stage, args.dataset if args.tune else None, path)
+        cosface = cosface_weights(start.get("cosface"), start["model_config"]["tasks"])
+    if args.init:
+        cosface = init_weights(args, model, log)
+    return model, mcfg, cfg, cosface
+
+
+def evaluate_now(run: Run):
+    """Synthetic test metrics of the model (rank 0), logged and recorded; None for real-data presets."""
+    if run.cfg.data != "synthetic" or not run.evaluate:
+        return None
+    result = None
+    if run.env.master:
+        import evaluate
+        t = time.time()
+        result = evaluate.evaluate_synthetic(run.model, run.cfg.to_dict(), n_test=run.cfg.eval_samples,
+                                             device=run.env.device)
+        set_train_mode(run.model)
+        run.log(f"eval @ {run.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()
+                                                   if isinstance(v, float)) + f" ({time.time() - t:.1f}s)")
+        run.record({"type": "eval", "stage": run.stage, "step": run.step, **result})
+    run.env.barrier()
+    return result
+
+
+def train_loop(run: Run, hooks: DebugHooks, stop: dict) -> str | None:
+    """Steps until `total`; returns the checkpoint written when a signal stopped the run, else None."""
+    cfg, opt, device = run.cfg, run.optimizer, run.env.device
+    weights = {h: float(v[1]) for h, v in cfg.heads.items()}
+    params = [p for g in opt.param_groups for p in g["params"]]
+    progress, in_a_row = Progress(run, reference_images_per_s(cfg, run), epoch_steps(cfg, run)), 0
+    while run.step < run.total:
+        for g, peak in zip(opt.param_groups, run.peaks):
+            g["lr"] = lr_at(run.step, run.total, run.warmup, peak, cfg.warmup_start_lr)
+        batches = {h: {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in b.items()}
+                   for h, b in progress.next_batch().items()}
+        with run.autocast:
+            head_losses = run.runner(batches)
+        loss = losses.multitask_loss({h: l.float() for h, l in head_losses.items()}, weights)   # Eq. (8)
+        loss = hooks.poison(run.step + 1, loss)
+        run.scaler.scale(loss).backward()
+        run.scaler.unscale_(opt)
+        grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        finite = bool(torch.isfinite(loss).item()) and bool(torch.isfinite(grad_norm).item())
+        if not distributed.any_rank(not finite, device):
+            run.scaler.step(opt)
+            progress.add(head_losses, loss)
+            in_a_row = 0
+        else:                                                                   # skip the step on every rank
+            in_a_row, run.nonfinite_total = in_a_row + 1, run.nonfinite_total + 1
+            report_nonfinite(run, head_losses, in_a_row)
+        run.scaler.update()
+        opt.zero_grad(set_to_none=True)
+        run.step += 1
+        hooks.after_step(run.step)
+        if progress.due(run.step):
+            progress.report(run.step)
+        if distributed.any_rank(stop["signal"] is not None, device):
+            path = save(run)
+            run.log(f"stopped by signal at step {run.step}/{run.total}; checkpoint {path}; continue with --resume")
+            return path
+        if run.step % cfg.ckpt_every == 0 and run.step < run.total:
+            save(run)
+        if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < run.total and run.evaluate:
+            evaluate_now(run)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Training
 
 def main(argv=None):
     args = parse_args(argv)
     cfg = resolve_config(args)
-
-    # -- distributed set-up (DDP detected from RANK, as torchrun sets it) --------------------------------------
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if ddp:
-        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-        if device_name.startswith("cuda"):
-            torch.cuda.set_device(local)
-            device_name = f"cuda:{local}"
-        dist.init_process_group(backend="nccl" if device_name.startswith("cuda") else "gloo")
-    else:
-        rank, world = 0, 1
-    device = torch.device(device_name)
-    master = rank == 0
-    os.makedirs(cfg.out_dir, exist_ok=True)
     stage = args.stage
-    total = cfg.steps if stage == 1 else cfg.stage2_steps
-    warmup = cfg.warmup if stage == 1 else cfg.stage2_warmup
+    env = distributed.setup(args.device)                     # DDP detected from RANK, as torchrun sets it
+    log = print if env.master else (lambda *a, **k: None)
 
-    def log(msg):
-        if master:
-            print(msg, flush=True)
-
-    # -- resume / start checkpoint ------------------------------------------------------------------------------
-    resume = None
-    if args.resume:
-        path = args.resume
-        if path == "latest":
-            found = checkpoints(cfg.out_dir, stage)
-            if not found:
-                raise SystemExit(f"--resume: no stage-{stage} checkpoint in {cfg.out_dir!r}")
-            path = found[-1]
-        resume = load_checkpoint(path)
-        if resume["stage"] != stage:
-            raise SystemExit(f"--resume {path}: a stage-{resume['stage']} checkpoint, but --stage {stage}")
-        log(f"resuming from {path} (step {resume['step']})")
-
-    # -- model ----------------------------------------------------------------------------------------------------
-    torch.manual_seed(cfg.seed)                         # identical initialisation on every rank
-    mcfg = model_config(cfg, stage)
-    start_from = None
-    if resume is None and (stage == 2 or args.tune):
-        src = args.from_ckpt
-        if src is None:
-            found = checkpoints(cfg.out_dir if not args.tune else os.path.join("out", cfg.preset), 1)
-            if not found:
-                raise SystemExit(f"stage {stage}: no stage-1 checkpoint found in {cfg.out_dir!r}; "
-                                 "run --stage 1 first or pass --from PATH")
-            src = found[-1]
-        start_from = load_checkpoint(src)
-        if start_from["stage"] != 1:
-            raise SystemExit(f"--from {src}: expected a stage-1 checkpoint, got stage {start_from['stage']}")
-        base = dict(start_from["model_config"])
-        tasks = list(base["tasks"]) + ([args.dataset] if args.tune and args.dataset not in base["tasks"] else [])
-        mcfg = FaceptorConfig(**{**base, "tasks": tuple(tasks), "stage": stage})
-        cfg.model = start_from["kind"]
-        if stage == 2:                 # heads with queries; the identity head has nothing to train in stage 2
-            if start_from["kind"] != "faceptor":
-                raise SystemExit("stage 2 (Layer-Attention) exists only for Faceptor, not for Naive Faceptor")
-            cfg.heads = {k: v for k, v in cfg.heads.items() if k in mcfg.tasks and TASKS[k].type != "recognition"}
-        log(f"starting from {src} (step {start_from['step']})")
+    resume_path, resume = find_resume(args, cfg, stage)      # where the weights come from
     if resume is not None:
-        mcfg = FaceptorConfig(**resume["model_config"])
-        cfg = TrainConfig(**{**resume["config"], "betas": tuple(resume["config"]["betas"])})
-        total = cfg.steps if stage == 1 else cfg.stage2_steps
-        warmup = cfg.warmup if stage == 1 else cfg.stage2_warmup
-    model = build_model(cfg.model, mcfg)
-    if stage == 1 and start_from is None and resume is None and not args.init:
-        init_readout(model, cfg.readout_offset)                                        # from scratch only
+        log(f"resuming from {resume_path} (step {resume['step']})")
+    model, mcfg, cfg, cosface_start = build_start(args, cfg, stage, resume, lambda m: log(m, flush=True))
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    model.to(env.device)
+    composer, datasets = build_data(cfg, mcfg, args.data_root, env)
+    cosface = build_cosface(cfg, mcfg, datasets, cosface_start).to(env.device)
 
-    if start_from is not None and resume is None:
-        missing, unexpected = model.load_state_dict(start_from["model"], strict=False)
-        ok = [k for k in missing if (stage == 2 and re.match(r"projection\.convs\.[1-9]\d*\.", k))
-              or (args.tune and k.startswith(f"queries.{args.dataset}."))
-              or (args.tune and cfg.model == "naive" and f".{args.dataset}." in k)]
-        if [k for k in missing if k not in ok] or unexpected:
-            raise SystemExit(f"--from: the checkpoint does not fit: missing {[k for k in missing if k not in ok]}, "
-                             f"unexpected {unexpected}")
-        if stage == 2:
-            init_stage2(model)                  # new projections = the layer-12 one, L_t rows equal (model.py)
-    if args.init and resume is None:
-        kind, path = args.init
-        if kind == "farl":
-            load_farl(model, path)
-            log(f"encoder initialised from FaRL {path}")
-        elif kind == "official":
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-            sd, extras = convert_official_state_dict(raw)
-            missing, unexpected = model.load_state_dict(sd, strict=False)
-            log(f"initialised from the authors' checkpoint {path}: {len(missing)} missing, "
-                f"{len(unexpected)} unexpected tensors")
-            start_from = {"cosface": {"weight": w} for t, w in extras.get("cosface", {}).items() if t in cfg.heads}
-        else:
-            raise SystemExit(f"--init: KIND must be 'farl' or 'official', got {kind!r}")
-    model.to(device)
-
-    # -- data -----------------------------------------------------------------------------------------------------
-    datasets = {}
-    for head in cfg.heads:
-        if cfg.data == "synthetic":
-            datasets[head] = synthetic_dataset(head, cfg, mcfg)
-        else:
-            if not args.data_root:
-                raise SystemExit(f"preset {cfg.preset!r} trains on real datasets: pass --data-root")
-            datasets[head] = real_dataset(head, args.data_root, mcfg)
-    composer = MultiTaskComposer([(h, datasets[h], int(cfg.heads[h][0])) for h in cfg.heads], seed=cfg.seed,
-                                 rank=rank, world_size=world, num_workers=cfg.num_workers)
-    weights = {h: float(v[1]) for h, v in cfg.heads.items()}
-
-    cosface = None
-    rec = [h for h in cfg.heads if TASKS[h].type == "recognition"]
-    if rec:
-        n_ids = cfg.synthetic_identities if cfg.data == "synthetic" else num_identities(datasets[rec[0]])
-        cosface = losses.CosFace(mcfg.embed_dim, n_ids)
-        if start_from is not None and start_from.get("cosface") is not None:
-            cosface.load_state_dict(start_from["cosface"])
-        cosface.to(device)
-
-    # -- trainable parameters and optimiser ------------------------------------------------------------------
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if stage == 2:
-        trainable = stage2_parameters(model, [h for h in cfg.heads if h in model.queries])
-    elif args.tune == "prompt":
-        trainable = list(model.queries[args.dataset].parameters()) if cfg.model == "faceptor" else \
-            [p for n, p in model.named_parameters() if f".{args.dataset}." in n]
-    elif args.tune == "decoder":
-        trainable = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
-    else:
-        unused = ("encoder.ln_post.", "encoder.proj")          # CLIP's read-out, kept only for loading
-        trainable = [p for n, p in model.named_parameters() if not n.startswith(unused)]
-    for p in trainable:
-        p.requires_grad_(True)
-    if cosface is not None and stage == 2:
-        cosface.requires_grad_(False)
-    enc_ids = {id(p) for p in model.encoder.parameters()}
-    enc = [p for p in trainable if id(p) in enc_ids]
-    rest = [p for p in trainable if id(p) not in enc_ids]
-    if cosface is not None and stage == 1:
-        rest += list(cosface.parameters())
-    groups = [g for g in ({"params": enc, "peak": cfg.lr, "name": "encoder"},
-                          {"params": rest, "peak": cfg.lr * cfg.lr_mult, "name": "rest"}) if g["params"]]
-    optimizer = torch.optim.AdamW([{"params": g["params"], "lr": cfg.warmup_start_lr} for g in groups],
-                                  betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    peaks = [g["peak"] for g in groups]
-    use_cuda = device.type == "cuda"
+    trainable = trainable_parameters(model, cfg, stage, args.tune, args.dataset)
+    optimizer, peaks = make_optimizer(cfg, model, trainable, cosface, stage)
+    use_cuda = env.device.type == "cuda"
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype) if use_cuda else None
-    autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else nullcontext()
     scaler = torch.amp.GradScaler("cuda" if use_cuda else "cpu", enabled=amp_dtype == torch.float16)
+    step_module = MultiTaskStep(model, cosface).to(env.device)
+    runner = torch.compile(step_module) if args.compile else step_module
+    if env.ddp:
+        runner = nn.parallel.DistributedDataParallel(runner, find_unused_parameters=True,
+                                                     **({"device_ids": [env.device.index]} if use_cuda else {}))
+    total, warmup = schedule_length(cfg, stage)
+    run = Run(cfg, mcfg, stage, args.tune or "", env, model, cosface, runner, optimizer, peaks, scaler,
+              torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else nullcontext(), composer, total, warmup,
+              evaluate=not args.no_eval)
+    restore(run, resume)
 
-    step_module = MultiTaskStep(model, cosface).to(device)
-    if ddp:
-        ddp_kw = {"device_ids": [device.index]} if use_cuda else {}
-        runner = nn.parallel.DistributedDataParallel(step_module, find_unused_parameters=True, **ddp_kw)
-    else:
-        runner = step_module
-
-    # -- restore the training state -------------------------------------------------------------------------
-    step, nonfinite_total = 0, 0
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        if cosface is not None:
-            cosface.load_state_dict(resume["cosface"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scaler.load_state_dict(resume["scaler"])
-        step, nonfinite_total = int(resume["step"]), int(resume.get("nonfinite_total", 0))
-        if resume["world_size"] == world:
-            composer.load_state_dict(resume["composer"][rank])
-            _set_rng_state(resume["rng"][rank])
-        else:
-            raise SystemExit(f"--resume: the checkpoint was written by {resume['world_size']} processes, this run "
-                             f"has {world}; resume with the same number of processes")
-    else:
-        torch.manual_seed(cfg.seed + rank)               # seed offset by rank (drop-path, dropout)
-        np.random.seed(cfg.seed + rank)
-        random.seed(cfg.seed + rank)
-
-    # -- signals: save and exit cleanly -------------------------------------------------------------------------
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        stop["signal"] = signum
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
-    def save(step_done: int, final: bool = False) -> str:
-        comp = _gather(composer.state_dict(), world)
-        rng = _gather(_rng_state(), world)
-        path = os.path.join(cfg.out_dir, f"stage{stage}_step{step_done:07d}.pt")
-        if master:
-            ckpt = {"format": CHECKPOINT_FORMAT, "kind": cfg.model, "preset": cfg.preset, "stage": stage,
-                    "step": step_done, "total_steps": total, "config": cfg.to_dict(),
-                    "model_config": _plain(mcfg.to_dict()), "model": model.state_dict(),
-                    "cosface": cosface.state_dict() if cosface is not None else None,
-                    "optimizer": optimizer.state_dict(), "scheduler": {"step": step_done, "total": total,
-                                                                       "warmup": warmup, "peaks": peaks},
-                    "scaler": scaler.state_dict(), "composer": comp, "rng": rng, "world_size": world,
-                    "nonfinite_total": nonfinite_total, "tune": args.tune or "", "final": final}
-            atomic_save(ckpt, path)
-            for old in checkpoints(cfg.out_dir, stage)[:-cfg.keep_last]:
-                os.remove(old)
-        if ddp:
-            dist.barrier()
-        return path
-
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    checksum_path = os.path.join(cfg.out_dir, f"checksums_rank{rank}.jsonl")
-    nan_steps = {int(s) for s in args.debug_nonfinite_at.split(",") if s.strip()}
-
-    def record(entry: dict):
-        if master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
-
-    def run_eval(step_done: int):
-        if args.no_eval or cfg.data != "synthetic":
-            return None
-        result = None
-        if master:
-            import evaluate
-            t = time.time()
-            result = evaluate.evaluate_synthetic(model, cfg.to_dict(), n_test=cfg.eval_samples, device=device)
-            model.train(stage == 1)
-            log(f"eval @ {step_done}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()
-                                                     if isinstance(v, float)) + f" ({time.time() - t:.1f}s)")
-            record({"type": "eval", "stage": stage, "step": step_done, **result})
-        if ddp:
-            dist.barrier()
-        return result
-
-    n_trainable = sum(p.numel() for p in trainable)
     log(f"preset {cfg.preset} | stage {stage}{' | tune ' + args.tune if args.tune else ''} | {cfg.model} "
-        f"{sum(p.numel() for p in model.parameters()):,} params ({n_trainable:,} trained) | {world} process(es) on "
-        f"{device.type} | {total} steps | heads " + ", ".join(f"{h}:{v[0]}x{v[1]:g}" for h, v in cfg.heads.items()))
-    record({"type": "start", "stage": stage, "step": step, "world_size": world, "config": cfg.to_dict()})
+        f"{sum(p.numel() for p in model.parameters()):,} params ({sum(p.numel() for p in trainable):,} trained) | "
+        f"{env.world} process(es) on {env.device.type} | {total} steps | heads "
+        + ", ".join(f"{h}:{v[0]}x{v[1]:g}" for h, v in cfg.heads.items()), flush=True)
+    run.record({"type": "start", "stage": stage, "step": run.step, "world_size": env.world, "config": cfg.to_dict()})
 
-    # -- the loop -------------------------------------------------------------------------------------------------
-    model.train(stage == 1)            # stage 2: everything but L_t and the new projections is frozen (no BN drift)
-    nonfinite_run, t0, last_t, first_step, images_since = 0, time.time(), time.time(), step, 0
-    per_step_images = sum(int(v[0]) for v in cfg.heads.values()) * world
-    loss_sums, loss_count = {}, 0
-    path = None
-    while step < total:
-        for g, peak in zip(optimizer.param_groups, peaks):
-            g["lr"] = lr_at(step, total, warmup, peak, cfg.warmup_start_lr)
-        batches = composer.next_batch()
-        batches = {h: {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in b.items()}
-                   for h, b in batches.items()}
-        with autocast:
-            head_losses = runner(batches)
-        loss = losses.multitask_loss({h: l.float() for h, l in head_losses.items()}, weights)   # Eq. (8)
-        if step + 1 in nan_steps:
-            loss = loss * float("nan")
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        finite = bool(torch.isfinite(loss).item()) and bool(torch.isfinite(grad_norm).item())
-        finite = not _any(not finite, device)
-        if finite:
-            scaler.step(optimizer)
-            scaler.update()
-            nonfinite_run = 0
-            for h, l in head_losses.items():
-                loss_sums[h] = loss_sums.get(h, 0.0) + float(l.detach())
-            loss_sums["total"] = loss_sums.get("total", 0.0) + float(loss.detach())
-            loss_count += 1
-        else:
-            scaler.update()
-            nonfinite_run += 1
-            nonfinite_total += 1
-            log(f"step {step + 1}: non-finite loss or gradient, step skipped ({nonfinite_run} in a row, "
-                f"{nonfinite_total} in total)")
-            record({"type": "nonfinite", "stage": stage, "step": step + 1, "in_a_row": nonfinite_run,
-                    "total": nonfinite_total, "losses": {h: float(l.detach()) for h, l in head_losses.items()}})
-        optimizer.zero_grad(set_to_none=True)
-        if nonfinite_run >= cfg.max_nonfinite:
-            log(f"aborting: {nonfinite_run} non-finite losses in a row at step {step + 1} (limit {cfg.max_nonfinite},"
-                f" --max-nonfinite); the last finite checkpoint is {checkpoints(cfg.out_dir, stage)[-1:] or 'none'}; "
-                "lower the learning rate or check the data")
-            if ddp:
-                dist.destroy_process_group()
-            sys.exit(3)
-        step += 1
-        images_since += per_step_images
-        if args.debug_checksums:
-            with open(checksum_path, "a") as f:
-                f.write(json.dumps({"step": step, "rank": rank, "checksum": parameter_checksum(step_module)}) + "\n")
-        if step % cfg.log_every == 0 or step == total:
-            now = time.time()
-            ips = images_since / max(now - last_t, 1e-9)
-            eta = (now - t0) / max(step - first_step, 1) * (total - step)
-            avg = {h: v / max(loss_count, 1) for h, v in loss_sums.items()}
-            log(f"step {step}/{total} | loss {avg.get('total', float('nan')):.4f} | "
-                + " ".join(f"{h} {v:.3f}" for h, v in avg.items() if h != "total")
-                + " | lr " + "/".join(f"{g['lr']:.2e}" for g in optimizer.param_groups)
-                + f" | {ips:.0f} img/s | eta {eta / 60:.1f} min")
-            record({"type": "train", "stage": stage, "step": step, "losses": avg,
-                    "lr": [g["lr"] for g in optimizer.param_groups], "images_per_s": ips,
-                    "elapsed_s": now - t0, "nonfinite_total": nonfinite_total})
-            loss_sums, loss_count, last_t, images_since = {}, 0, now, 0
-        if args.debug_sleep:
-            time.sleep(args.debug_sleep)
-        stopping = _any(stop["signal"] is not None, device)
-        if stopping:
-            path = save(step)
-            log(f"stopped by signal at step {step}/{total}; checkpoint {path}; continue with --resume")
-            if ddp:
-                dist.destroy_process_group()
-            return path
-        if step % cfg.ckpt_every == 0 and step < total:
-            path = save(step)
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-            run_eval(step)
+    set_train_mode(model)                    # frozen parts (stage 2, transfer) run as at test time
+    t0 = time.time()
+    with stop_on_signal() as stop:
+        stopped = train_loop(run, DebugHooks(args, run, step_module), stop)
+    path = stopped or finish(run, t0)
+    env.close()
+    return path
 
-    path = save(step, final=True)
-    result = run_eval(step)
-    elapsed = time.time() - t0
-    log(f"done: stage {stage}, {step} steps in {elapsed / 60:.1f} min, {nonfinite_total} non-finite step(s) skipped")
-    log(f"checkpoint: {path}")
-    if master and cfg.data == "synthetic":
-        log(f"next: python evaluate.py {path}" + ("" if stage == 2 else
-            f"   |   torchrun --standalone --nproc_per_node={world} train.py --preset {cfg.preset} --stage 2"))
-    record({"type": "done", "stage": stage, "step": step, "checkpoint": path, "elapsed_s": elapsed,
-            "eval": result})
-    if ddp:
-        dist.destroy_process_group()
+
+@contextmanager
+def stop_on_signal():
+    """SIGTERM / Ctrl-C set stop["signal"]; the loop then saves at the end of its step and returns. The previous
+    handlers come back afterwards."""
+    stop = {"signal": None}
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def finish(run: Run, t0: float) -> str:
+    """The final checkpoint and evaluation, and what to run next."""
+    path = save(run, final=True)
+    result = evaluate_now(run)
+    run.log(f"done: stage {run.stage}, {run.step} steps in {(time.time() - t0) / 60:.1f} min, "
+            f"{run.nonfinite_total} non-finite step(s) skipped")
+    run.log(f"checkpoint: {path}")
+    if run.cfg.data == "synthetic":
+        run.log(f"next: python evaluate.py {run.cfg.out_dir}" + ("" if run.stage == 2 else
+                f"   |   torchrun --standalone --nproc_per_node={run.env.world} train.py --preset {run.cfg.preset} "
+                "--stage 2"))
+    run.record({"type": "done", "stage": run.stage, "step": run.step, "checkpoint": path,
+                "elapsed_s": time.time() - t0, "eval": result})
     return path
 
 

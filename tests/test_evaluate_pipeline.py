@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import evaluate  # noqa: E402
+import checkpoint  # noqa: E402
 import train  # noqa: E402
 
 SYNTHETIC_KEYS = ("nme", "nme_baseline", "parsing_f1", "parsing_f1_baseline", "age_mae", "age_mae_baseline",
@@ -44,17 +45,17 @@ def test_default_run_prints_progress_and_checkpoint(default_run):
     out, s1, s2 = default_run
     assert "preset demo | stage 1" in s1.stdout and "step 10/20" in s1.stdout and "img/s" in s1.stdout
     assert "eta" in s1.stdout and "eval @ 20" in s1.stdout
-    path = train.checkpoints(out, 1)[-1]
+    path = checkpoint.checkpoints(out, 1)[-1]
     assert f"checkpoint: {path}" in s1.stdout
     assert f"starting from {path}" in s2.stdout and "stage 2" in s2.stdout
-    ckpt = torch.load(train.checkpoints(out, 2)[-1], map_location="cpu", weights_only=True)
-    assert ckpt["stage"] == 2 and ckpt["step"] == 4 and ckpt["format"] == train.CHECKPOINT_FORMAT
+    ckpt = torch.load(checkpoint.checkpoints(out, 2)[-1], map_location="cpu", weights_only=True)
+    assert ckpt["stage"] == 2 and ckpt["step"] == 4 and ckpt["format"] == checkpoint.CHECKPOINT_FORMAT
 
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_evaluate_cli_writes_synthetic_json(default_run, tmp_path, stage):
     out, _, _ = default_run
-    path = train.checkpoints(out, stage)[-1]
+    path = checkpoint.checkpoints(out, stage)[-1]
     js = str(tmp_path / "eval.json")
     proc = _run([sys.executable, "evaluate.py", path, "--json", js, "--n-test", "60"])
     with open(js) as f:
@@ -88,7 +89,7 @@ def test_predict_cli(default_run, tmp_path):
     img = tmp_path / "face.png"
     Image.fromarray(pic).save(img)
     p5 = framing.five_points_68(face["landmarks"].double().numpy()) + [60, 30]
-    proc = _run([sys.executable, "predict.py", train.checkpoints(out, 1)[-1], str(img), "--points5",
+    proc = _run([sys.executable, "predict.py", checkpoint.checkpoints(out, 1)[-1], str(img), "--points5",
                  *map(str, p5.reshape(-1)), "--out-dir", str(tmp_path / "pred"), "--save-mask"])
     assert f"{img}: 1 face(s)" in proc.stdout
     with open(tmp_path / "pred" / "predictions.jsonl") as f:
@@ -163,7 +164,8 @@ def test_predict_photo_reports_every_attribute_by_name():
     import predict
     from data.synthetic import SyntheticFaces
     torch.manual_seed(0)
-    model = train.Faceptor(train.FaceptorConfig.tiny()).eval()
+    from model import Faceptor, FaceptorConfig
+    model = Faceptor(FaceptorConfig.tiny()).eval()
     with torch.no_grad():
         model.value_head.fc.weight.zero_()
         model.value_head.fc.bias.fill_(2.0)                   # every attribute logit = 2 -> p = 0.881

@@ -18,6 +18,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import checkpoint  # noqa: E402
+from model import TASKS, Faceptor, FaceptorConfig, build_model  # noqa: E402
 import train  # noqa: E402
 
 SMALL = ["--batch-scale", "0.125", "--synthetic-length", "2000", "--log-every", "1", "--no-eval", "--seed", "7"]
@@ -51,8 +53,8 @@ def _jsonl(path):
 
 
 def _final_state(out_dir, stage=1):
-    path = train.checkpoints(out_dir, stage)[-1]
-    ckpt = train.load_checkpoint(path)
+    path = checkpoint.checkpoints(out_dir, stage)[-1]
+    ckpt = checkpoint.load_checkpoint(path)
     return ckpt, path
 
 
@@ -91,7 +93,7 @@ def test_presets_follow_tables_2_and_10():
     demo = train.PRESETS["demo"]
     assert demo.data == "synthetic" and demo.synthetic_identities >= 1000
     assert {"landmarks", "parsing", "age", "expression", "attributes", "recognition"} == \
-        {train.TASKS[h].type for h in demo.heads}
+        {TASKS[h].type for h in demo.heads}
 
 
 def test_multitask_forward_matches_model_forward():
@@ -99,8 +101,8 @@ def test_multitask_forward_matches_model_forward():
     model classes, and the step returns one loss per head."""
     torch.manual_seed(0)
     for kind in ("faceptor", "naive"):
-        mcfg = train.FaceptorConfig.tiny(size_512=32, size_112=16)
-        model = train.build_model(kind, mcfg).eval()
+        mcfg = FaceptorConfig.tiny(size_512=32, size_112=16)
+        model = build_model(kind, mcfg).eval()
         batches = {t: torch.randn(2, 3, mcfg.input_size(t), mcfg.input_size(t)) for t in mcfg.tasks}
         got = model.forward_tasks(batches)
         for task, x in batches.items():
@@ -147,14 +149,14 @@ def test_kill9_then_resume_matches_uninterrupted(reference_run, tmp_path):
                             start_new_session=True)
     try:
         deadline = time.time() + 180
-        while time.time() < deadline and not train.checkpoints(out, 1):
+        while time.time() < deadline and not checkpoint.checkpoints(out, 1):
             assert proc.poll() is None, "the run ended before it could be killed"
             time.sleep(0.05)
-        assert train.checkpoints(out, 1), "no checkpoint appeared"
+        assert checkpoint.checkpoints(out, 1), "no checkpoint appeared"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)                          # kill -9 the launcher and both workers
         proc.wait()
-    killed_at = train.load_checkpoint(train.checkpoints(out, 1)[-1])["step"]
+    killed_at = checkpoint.load_checkpoint(checkpoint.checkpoints(out, 1)[-1])["step"]
     assert killed_at < STEPS
     resumed = _ok(torchrun(["--stage", "1", "--out-dir", out, "--resume"] + SMALL))
     assert f"resuming from" in resumed.stdout
@@ -163,6 +165,47 @@ def test_kill9_then_resume_matches_uninterrupted(reference_run, tmp_path):
     assert a["step"] == b["step"] == STEPS
     _assert_same_state(a["model"], b["model"], "model")
     _assert_same_state(a["cosface"], b["cosface"], "cosface")
+    _assert_same_state(a["optimizer"]["state"][0], b["optimizer"]["state"][0], "optimizer state 0")
+    assert a["composer"] == b["composer"]
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_signal_saves_and_resume_matches_uninterrupted(reference_run, tmp_path, how):
+    """Ctrl-C in a terminal (SIGINT to the launcher and both workers) or SIGTERM to the launcher alone (what a
+    scheduler sends; torchrun passes it on): the workers finish their step, save it and exit; --resume then ends
+    exactly where the uninterrupted run ends. Periodic checkpoints are off, so the only one is the signal's."""
+    ref_out, _ = reference_run
+    out = str(tmp_path / how)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           "--stage", "1", "--max-steps", str(STEPS), "--ckpt-every", "1000", "--out-dir", out,
+           "--debug-sleep", "0.5"] + SMALL
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        metrics, deadline = os.path.join(out, "metrics.jsonl"), time.time() + 180
+        while time.time() < deadline and not (os.path.exists(metrics) and '"train"' in open(metrics).read()):
+            assert proc.poll() is None, "the run ended before the signal"
+            time.sleep(0.05)
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "stopped by signal" in stdout, stdout[-3000:]
+    saved = checkpoint.checkpoints(out, 1)
+    assert len(saved) == 1, saved
+    stopped = checkpoint.load_checkpoint(saved[0])
+    assert 1 <= stopped["step"] < STEPS and not stopped["final"]
+    resumed = _ok(torchrun(["--stage", "1", "--out-dir", out, "--resume"] + SMALL))
+    assert f"resuming from {saved[0]}" in resumed.stdout
+    a, _ = _final_state(ref_out)
+    b, _ = _final_state(out)
+    assert a["step"] == b["step"] == STEPS and b["final"]
+    _assert_same_state(a["model"], b["model"], "model")
     _assert_same_state(a["optimizer"]["state"][0], b["optimizer"]["state"][0], "optimizer state 0")
     assert a["composer"] == b["composer"]
 
@@ -199,30 +242,30 @@ class _Payload:
 def test_corrupt_checkpoint_refused(tmp_path):
     p = tmp_path / "corrupt.pt"
     p.write_bytes(b"\x80\x02not a checkpoint at all" * 10)
-    with pytest.raises(train.CheckpointError, match="corrupt"):
-        train.load_checkpoint(str(p))
+    with pytest.raises(checkpoint.CheckpointError, match="corrupt"):
+        checkpoint.load_checkpoint(str(p))
     good = tmp_path / "good.pt"
-    torch.save({"format": train.CHECKPOINT_FORMAT, "model": {"w": torch.zeros(3)}}, good)
+    torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "model": {"w": torch.zeros(3)}}, good)
     data = good.read_bytes()
     (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(train.CheckpointError, match="corrupt"):
-        train.load_checkpoint(str(tmp_path / "truncated.pt"))
-    with pytest.raises(train.CheckpointError, match="missing field"):
-        train.load_checkpoint(str(good))
+    with pytest.raises(checkpoint.CheckpointError, match="corrupt"):
+        checkpoint.load_checkpoint(str(tmp_path / "truncated.pt"))
+    with pytest.raises(checkpoint.CheckpointError, match="missing field"):
+        checkpoint.load_checkpoint(str(good))
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
-    with pytest.raises(train.CheckpointError, match="format"):
-        train.load_checkpoint(str(tmp_path / "foreign.pt"))
+    with pytest.raises(checkpoint.CheckpointError, match="format"):
+        checkpoint.load_checkpoint(str(tmp_path / "foreign.pt"))
 
 
 def test_checkpoint_with_pickled_code_refused(tmp_path):
     p = tmp_path / "evil.pt"
-    torch.save({"format": train.CHECKPOINT_FORMAT, "model": {}, "x": _Payload()}, p)
-    with pytest.raises(train.CheckpointError, match="refused"):
-        train.load_checkpoint(str(p))
+    torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "model": {}, "x": _Payload()}, p)
+    with pytest.raises(checkpoint.CheckpointError, match="refused"):
+        checkpoint.load_checkpoint(str(p))
     with open(tmp_path / "evil.pkl", "wb") as f:
         pickle.dump(_Payload(), f)
-    with pytest.raises(train.CheckpointError):
-        train.load_checkpoint(str(tmp_path / "evil.pkl"))
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.load_checkpoint(str(tmp_path / "evil.pkl"))
     proc = subprocess.run([sys.executable, "evaluate.py", str(p)], cwd=ROOT, env=_env(), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode != 0 and "refused" in proc.stderr and "pwned" not in proc.stdout
@@ -255,7 +298,7 @@ def test_nonfinite_in_a_row_aborts(tmp_path):
 
 def test_init_readout_offsets_every_heatmap_logit():
     torch.manual_seed(0)
-    model = train.Faceptor(train.FaceptorConfig.tiny()).eval()
+    model = Faceptor(FaceptorConfig.tiny()).eval()
     x = torch.randn(2, 3, 64, 64)
     before = model(x, "300w")["heatmap"]
     train.init_readout(model, -6.0)
