@@ -247,14 +247,35 @@ def _(q, kf, kp, v, lb, fused, block_m, block_n):
 def _la_bwd_op(do: torch.Tensor, q: torch.Tensor, kf: torch.Tensor, kp: torch.Tensor, v: torch.Tensor,
                lb: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, fused: bool, block_m: int,
                block_n: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (dQ, dKF, dKP, dV, dLB), contiguous, each in its input's dtype. The reference path differentiates
-    layer_attention_ref (so its gradients equal the plain reference's); the fused one runs the Triton kernels."""
+    """-> (dQ, dKF, dKP, dV, dLB), contiguous, each in its input's dtype: the Triton kernels (fused) or the
+    reference backward below."""
     if fused:
         return ops_triton.backward(do, q, kf, kp, v, lb, o, lse, ops_triton.check_blocks(block_m, block_n))
-    xs = [t.detach().requires_grad_() for t in (q, kf, kp, v, lb)]
-    with torch.enable_grad():
-        grads = torch.autograd.grad(layer_attention_ref(*xs), xs, do)
-    return tuple(g.contiguous() for g in grads)
+    return _layer_attention_ref_bwd(do, q, kf, kp, v, lb)
+
+
+def _layer_attention_ref_bwd(do, q, kf, kp, v, lb):
+    """Gradients of layer_attention_ref, written out (an op's kernel runs below autograd), the kernels' formulas:
+    dV = P^T dO, dS = P (dO V^T - rowsum(dO * O)), dQ = c dS K, dK = c dS^T Q, dKP = sum_j dKF, dLB = sum_p dS."""
+    B, H, L, HW, dh = kf.shape
+    c = dh ** -0.5
+    dt = functools.reduce(torch.promote_types, (t.dtype for t in (do, q, kf, kp, v, lb)))
+    kp4 = kp if kp.dim() == 4 else kp.unsqueeze(0)
+    k = (kf + kp4.unsqueeze(2)).flatten(2, 3).to(dt)                # [B, H, L*HW, dh]  keys (minus L_t)
+    vf, qd, dod = v.flatten(2, 3).to(dt), q.to(dt), do.to(dt)       # [B, H, L*HW, dh], [B, H, Nq, dh]
+    s = qd @ k.transpose(-1, -2) * c + lb.to(dt).repeat_interleave(HW, dim=-1)    # [B, H, Nq, L*HW]  Eq. (6)
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)         # all-masked row guard
+    p = torch.exp(s - m)
+    l = p.sum(-1, keepdim=True)
+    p = p / torch.where(l == 0, torch.ones_like(l), l)              # softmax; 0 on an all-masked row
+    dp = dod @ vf.transpose(-1, -2)                                 # [B, H, Nq, L*HW]
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+    dkf = (c * ds.transpose(-1, -2) @ qd).unflatten(2, (L, HW))     # [B, H, L, HW, dh]
+    dkp = dkf.sum(2) if kp.dim() == 4 else dkf.sum((0, 2))          # [B, H, HW, dh] or [H, HW, dh]
+    grads = (c * ds @ k, dkf, dkp, (p.transpose(-1, -2) @ dod).unflatten(2, (L, HW)),
+             ds.unflatten(-1, (L, HW)).sum(-1))                     # dQ, dKF, dKP, dV, dLB [B, H, Nq, L]
+    return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (q, kf, kp, v, lb)))
 
 
 @_la_bwd_op.register_fake

@@ -267,6 +267,11 @@ def _dot_f32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16)
 
 
+def _empty(shape, dtype, device):
+    """Every output buffer of the launchers (the GPU tests poison it with NaN to catch unwritten elements)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _on_device(q):
     """Launch on q's GPU, not the current one (a --device cuda:1 run); grid y = B*H must fit CUDA's 65,535."""
     if q.shape[0] * q.shape[1] > 65535:
@@ -293,8 +298,8 @@ def forward(q, kf, kp, v, lb, blocks=None):
     """-> (O [B,H,Nq,dh] in q.dtype, LSE [B,H,Nq] fp32 in log2 units, +inf on all-masked rows)."""
     B, H, NQ, DH = q.shape
     NL, HW = kf.shape[2], kf.shape[3]
-    o = torch.empty((B, H, NQ, DH), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
+    o = _empty((B, H, NQ, DH), q.dtype, q.device)
+    lse = _empty((B, H, NQ), torch.float32, q.device)
     block_m, block_n, launch = _config("fwd", q.dtype, blocks)
     grid = (triton.cdiv(NQ, block_m), B * H)
     with _on_device(q):
@@ -310,11 +315,11 @@ def backward(do, q, kf, kp, v, lb, o, lse, blocks=None):
     B, H, NQ, DH = q.shape
     NL, HW = kf.shape[2], kf.shape[3]
     delta = (do.float() * o.float()).sum(-1)                      # [B, H, Nq]
-    dq = torch.empty((B, H, NQ, DH), dtype=q.dtype, device=q.device)
-    dlb = torch.empty((B, H, NQ, NL), dtype=torch.float32, device=q.device)
-    dkf = torch.empty((B, H, NL, HW, DH), dtype=kf.dtype, device=q.device)
-    dv = torch.empty((B, H, NL, HW, DH), dtype=v.dtype, device=q.device)
-    dkp = torch.empty((B, H, HW, DH), dtype=torch.float32, device=q.device)
+    dq = _empty((B, H, NQ, DH), q.dtype, q.device)
+    dlb = _empty((B, H, NQ, NL), torch.float32, q.device)
+    dkf = _empty((B, H, NL, HW, DH), kf.dtype, q.device)
+    dv = _empty((B, H, NL, HW, DH), v.dtype, q.device)
+    dkp = _empty((B, H, HW, DH), torch.float32, q.device)
     strides = (*q.stride(), *kf.stride(), *_kp_strides(kp), *v.stride(), *lb.stride(), *do.stride())
     common = dict(BLOCK_D=_block_d(DH), DOT_F32=_dot_f32(q.dtype))
     scales = (LOG2E / DH ** 0.5, DH ** -0.5)
