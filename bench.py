@@ -303,7 +303,7 @@ def section_predict(args):
 def _tensors(out):
     """(loss, grads) of a training step or {task: {key: tensor}} of predict -> a flat list of tensors."""
     if isinstance(out, tuple):
-        return [out[0], *out[1]]
+        return [out[0], *(g for g in out[1] if g is not None)]
     return [v for d in out.values() for v in d.values()]
 
 
@@ -325,7 +325,7 @@ def section_compile(args):
     def train_step(fn):
         def call():
             loss = losses.multitask_loss(fn(batches), weights)                        # Eq. (8)
-            return loss.detach(), torch.autograd.grad(loss, params)
+            return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)   # L_t: unused in stage 1
         return call
 
     model.eval()

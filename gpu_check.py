@@ -347,7 +347,8 @@ def run(args):
     with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
         f.write(markdown(res))
     print(markdown(res))
-    return 1 if any(isinstance(v, dict) and "error" in v for v in res.values()) else 0
+    failed_tests = res.get("tests", {}).get("returncode", 0) != 0
+    return 1 if failed_tests or any(isinstance(v, dict) and "error" in v for v in res.values()) else 0
 
 
 def main(argv=None):

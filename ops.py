@@ -8,7 +8,7 @@ Two public functions, each with reference math in this file and one dispatch wit
   current stream from ATen itself, so it is right under torch.compile and CUDA graphs), built with
   `python setup.py build_ext --inplace`; "auto" uses it when built (and built for the tensor's device), else the
   reference, and says once how to build it.
-* `layer_attention(q, kf, kp, v, lb, impl="auto"|"ref"|"triton")`: the decoder cross-attention with
+* `layer_attention(q, kf, kp, v, lb, impl="auto"|"ref"|"op"|"triton")`: the decoder cross-attention with
   Layer-Attention, eq. (7) keys K = F^ + L_t + P fed to eq. (6) attention, rewritten by linearity
   (KERNELS.md §1): score(q, (j, p)) = q.(KF[j,p] + KP[p]) / sqrt(dh) + LB[q, j]; the task term q.W_k L_t,j is the
   per-(query, layer) bias LB, so queries of several task heads share one launch. "op" is the registered

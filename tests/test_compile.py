@@ -78,17 +78,16 @@ def test_fullgraph_compile_traces_the_decoder_through_the_op():
         return gm.forward
 
     def loss_of(outs):
-        return outs["300w"]["coords"].square().sum() + outs["celebamask_hq"]["logits"].square().mean() + \
-            outs["morph2"]["logits"].square().mean() + outs["celeba"]["logits"].square().mean()
+        return outs["300w"]["coords"].square().sum() + outs["celeba"]["logits"].square().mean()
 
     torch._dynamo.reset()
-    step = torch.compile(lambda a, b: loss_of(model.forward_tasks(
-        {"300w": a, "celebamask_hq": a, "morph2": b, "celeba": b})), backend=recording_backend, fullgraph=True)
+    step = torch.compile(lambda a, b: loss_of(model.forward_tasks({"300w": a, "celeba": b})),
+                         backend=recording_backend, fullgraph=True)
     loss = step(x512, x112)
     grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
     targets = {str(n.target) for gm in graphs for n in gm.graph.nodes}
     assert len(graphs) == 1 and any("faceptor.layer_attention" in t for t in targets), sorted(targets)[:20]
-    eager = loss_of(model.forward_tasks({"300w": x512, "celebamask_hq": x512, "morph2": x112, "celeba": x112}))
+    eager = loss_of(model.forward_tasks({"300w": x512, "celeba": x112}))
     eager_grads = torch.autograd.grad(eager, list(model.parameters()), allow_unused=True)
     assert_close_normwise(loss, eager, 1e-6, what="loss")
     for (name, _), a, b in zip(model.named_parameters(), grads, eager_grads):
@@ -115,14 +114,19 @@ def test_inductor_demo_training_step_equals_eager():
 
     def loss_and_grads(fn):
         loss = losses.multitask_loss(fn(batches), weights)
-        return loss.detach(), torch.autograd.grad(loss, params)
+        return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)
 
     torch._dynamo.reset()
     eager_loss, eager_grads = loss_and_grads(step)
     comp_loss, comp_grads = loss_and_grads(torch.compile(step))
     assert_close_normwise(comp_loss, eager_loss, 1e-5, what="demo loss")
+    used = 0
     for (name, _), a, b in zip(step.named_parameters(), comp_grads, eager_grads):
-        assert_close_normwise(a, b, 1e-5, what=f"demo grad {name}")
+        assert (a is None) == (b is None), name                       # e.g. L_t is unused in stage 1
+        if a is not None:
+            used += 1
+            assert_close_normwise(a, b, 1e-5, what=f"demo grad {name}")
+    assert used > len(params) // 2
 
 
 def test_inductor_predict_equals_eager():
