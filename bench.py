@@ -7,6 +7,7 @@
     python bench.py data --sizes 64 112     # data throughput per CPU-second (nothing is written)
     python bench.py pipeline                # predict.py's whole pipeline on a folder of photos; detection alone
     python bench.py train --steps 12        # where one default-run step spends its CPU time (2 processes)
+    python bench.py compile                 # torch.compile vs eager: demo training step and predict, 2 threads
 
 Section `ops`, CPU:
   * heatmap -> coordinates (eq. 9): C++ op vs PyTorch reference, B in {4, 64}, K = 68, 128x128, fwd and fwd+bwd.
@@ -27,6 +28,9 @@ Section `pipeline`: faces per second of predict.py's pipeline (decode, MTCNN, fr
 writing) on a folder of 640x480 photos made from tests/data/astronaut_256.png (one face each, at several sizes and
 places), Faceptor-Base with random weights and the real-data framings (the authors' checkpoints' case), 2 threads,
 with each stage's share; then MTCNN alone on one 640x480 photo (median). Needs the MTCNN weights.
+Section `compile`: what torch.compile (inductor) buys on CPU threads: the demo preset's training step (the
+model's forward on every head, the losses of eq. (8), backward) and the all-head predict of the demo model, eager
+and compiled timed alternately in one run; prints the compile time and the largest difference to eager.
 Section `data`: SyntheticFaces items/s at several sizes, RecordIO random reads/s (with and without JPEG decode),
 and the 112-px and 512-px training transforms; per wall-clock second and per CPU-second of this process.
 Section `train` (bench_train.py): one default-run training step per process, split into data (drawing, cache +
@@ -133,7 +137,8 @@ class AuthorsCrossAttention(nn.Module):
         return self.norm(tgt + torch.cat(outs, 1))
 
 
-def attention_case(B, HW, tasks, device, dtype):
+def attention_case(B, HW, tasks, device, dtype, fused=None):
+    """{path: fn} for one cross-attention layer; "fused" (the registered op) by default only on CUDA."""
     layer = decoder.CrossAttentionLayer(D, HEADS).to(device)
     nn.init.normal_(layer.in_proj_weight, std=D ** -0.5)
     layer = layer.to(dtype)
@@ -152,7 +157,7 @@ def attention_case(B, HW, tasks, device, dtype):
         "authors": lambda: authors(tgt, qpos, mem, pos, levels, tasks),
         "grouped": lambda: layer(tgt, qpos, [mem], [pos], groups, impl="ref"),
     }
-    if device == "cuda":
+    if fused or (fused is None and device == "cuda"):
         paths["fused"] = lambda: layer(tgt, qpos, [mem], [pos], groups, impl="fused")
     return paths, (tgt, mem)
 
@@ -395,6 +400,59 @@ def section_pipeline(args):
     print(f"  load average during the run: {os.getloadavg()[0]:.1f} (1 min) on {os.cpu_count()} CPUs")
 
 
+def _tensors(out):
+    """(loss, grads) of a training step or {task: {key: tensor}} of predict -> a flat list of tensors."""
+    if isinstance(out, tuple):
+        return [out[0], *(g for g in out[1] if g is not None)]
+    return [v for d in out.values() for v in d.values()]
+
+
+def section_compile(args):
+    """torch.compile vs eager on CPU: the demo training step (fwd + bwd) and the demo model's all-head predict."""
+    import losses
+    import train
+    from gpu_check import synthetic_batches, training_setup
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = train.PRESETS["demo"]
+    mcfg = train.model_config(cfg, stage=1)
+    heads = {h: [args.batch, a] for h, (_n, a) in cfg.heads.items()}
+    model, step, weights = training_setup(mcfg, heads, "cpu", identities=cfg.synthetic_identities)
+    batches = synthetic_batches(heads, mcfg, "cpu", identities=cfg.synthetic_identities)
+    params = [p for p in step.parameters() if p.requires_grad]
+    compiled_step = torch.compile(step)
+
+    def train_step(fn):
+        def call():
+            loss = losses.multitask_loss(fn(batches), weights)                        # Eq. (8)
+            return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)   # L_t: unused in stage 1
+        return call
+
+    model.eval()
+    x512 = torch.randn(args.batch, 3, mcfg.size_512, mcfg.size_512)
+    x112 = torch.randn(args.batch, 3, mcfg.size_112, mcfg.size_112)
+    compiled_predict = torch.compile(model.predict)
+
+    def predict(fn):
+        return lambda: fn(images_512=x512, images_112=x112)
+
+    print(f"demo model, {args.threads} threads, batch {args.batch} per head, fp32, median of {args.reps} "
+          f"(eager and compiled alternate)")
+    for name, eager, comp, train_mode in (("training step (fwd+bwd)", train_step(step), train_step(compiled_step),
+                                           True), ("predict (all heads)", predict(model.predict),
+                                                   predict(compiled_predict), False)):
+        model.train(train_mode)
+        t0 = time.perf_counter()
+        c_out = comp()                                                                # compiles
+        t_compile = time.perf_counter() - t0
+        e_out = eager()
+        err = max((a - b).abs().max().item() for a, b in zip(_tensors(c_out), _tensors(e_out)))
+        times = cpu_time({"eager": eager, "compiled": comp}, args.reps)
+        print(f"  {name:<26s} eager {times['eager']:8.1f} ms  compiled {times['compiled']:8.1f} ms  "
+              f"eager/compiled {times['eager'] / times['compiled']:5.2f}x  (first call incl. compile "
+              f"{t_compile:5.1f} s, max abs difference {err:.1e})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="section", required=True)
@@ -431,9 +489,13 @@ def main():
     p.add_argument("--world", type=int, default=2, help="processes (one thread each), as torchrun would start")
     p.add_argument("--steps", type=int, default=10, help="timed steps (averaged)")
     p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first (allocations, lazy init)")
+    p = sub.add_parser("compile", help=section_compile.__doc__)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--batch", type=int, default=4, help="images per task head (training step) and faces (predict)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions of each path (median reported)")
     args = ap.parse_args()
     {"ops": section_ops, "predict": section_predict, "data": section_data, "pipeline": section_pipeline,
-     "train": section_train}[args.section](args)
+     "train": section_train, "compile": section_compile}[args.section](args)
 
 
 if __name__ == "__main__":

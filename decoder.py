@@ -23,7 +23,9 @@ The cross-attention has two paths computing the same function (by linearity of t
 q.W_k(F^ + L_t + P) = q.W_k F^ + q.W_k P + q.W_k L_t):
   * reference (CPU default): per head group, keys K_t = KF + KP + KL_t materialised, then SDPA without a mask;
   * fused (CUDA default): all groups on one memory in one `ops.layer_attention` call, with q.W_k L_t as a
-    per-(query, layer) bias and -inf on the layers of heads whose Layer-Attention is off.
+    per-(query, layer) bias and -inf on the layers of heads whose Layer-Attention is off. It goes through the
+    registered op faceptor::layer_attention (Triton on CUDA, the reference math on CPU), so torch.compile and
+    torch.export see one node.
 """
 from __future__ import annotations
 
@@ -190,7 +192,7 @@ class CrossAttentionLayer(nn.Module):
                 kl = _split_heads(F.linear(g.level, wk), nh)                           # [heads, L, dh]
                 lb = c * torch.einsum("bhqd,hld->bhql", q[:, :, g.start:g.stop], kl)   # [B, heads, N_t, L]
             lbs.append(lb)
-        o = ops.layer_attention(qs, kf, kp, v, torch.cat(lbs, dim=2))                  # Eqs. (6)-(7) fused
+        o = ops.layer_attention(qs, kf, kp, v, torch.cat(lbs, dim=2), impl="op")       # Eqs. (6)-(7) fused
         out[:, :, idx] = o.to(out.dtype)
 
 

@@ -395,8 +395,8 @@ class Faceptor(nn.Module):
                 raise ValueError(f"predict: tasks {names} need images_{s}")
             _check_images(inputs[s], self.cfg.patch_size, f"images_{s}")
         sizes = sorted(need, reverse=True)
-        batch = {inputs[s].shape[0] for s in sizes}
-        if len(batch) > 1:
+        batch = [inputs[s].shape[0] for s in sizes]          # a list, not a set: symbolic sizes under torch.export
+        if any(b != batch[0] for b in batch):
             raise ValueError(f"predict: images_512 and images_112 must hold the same faces, got batch sizes {batch}")
         enc = {s: self.encoder(inputs[s]) for s in sizes}                                # Eq. (1), once per size
         memories, pos, f12, groups, contents, qposes, order = [], [], {}, [], [], [], []
@@ -417,7 +417,7 @@ class Faceptor(nn.Module):
                 start = g.stop
         out = {}
         if groups:
-            B = next(iter(batch))
+            B = batch[0]
             content = torch.cat(contents).expand(B, -1, -1)                             # [B, sum N_t, C_de]
             qpos = torch.cat(qposes).expand(B, -1, -1)
             tokens = self.decoder(content, qpos, memories, pos, groups, self.attention_impl)  # Eq. (4), one pass

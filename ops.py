@@ -4,14 +4,18 @@ Two public functions, each with reference math in this file and one dispatch wit
 
 * `heatmap_to_coords(logits, impl="auto"|"ref"|"ext")`: the "normalising channel k" of eq. (9) (App. A.3) as the
   authors' code does it (docs/design.md): sigmoid, sum-normalise, expected column/row, pixel-centre convention.
-  "ext" is the C++/CUDA op `torch.ops.faceptor.heatmap_to_coords_fwd/bwd` (csrc/), built with
+  "ext" is the C++/CUDA op `torch.ops.faceptor.heatmap_to_coords_fwd/bwd` (csrc/; the CUDA kernel takes the
+  current stream from ATen itself, so it is right under torch.compile and CUDA graphs), built with
   `python setup.py build_ext --inplace`; "auto" uses it when built (and built for the tensor's device), else the
   reference, and says once how to build it.
-* `layer_attention(q, kf, kp, v, lb, impl="auto"|"ref"|"triton")`: the decoder cross-attention with
+* `layer_attention(q, kf, kp, v, lb, impl="auto"|"ref"|"op"|"triton")`: the decoder cross-attention with
   Layer-Attention, eq. (7) keys K = F^ + L_t + P fed to eq. (6) attention, rewritten by linearity
   (docs/design.md): score(q, (j, p)) = q.(KF[j,p] + KP[p]) / sqrt(dh) + LB[q, j]; the task term q.W_k L_t,j is the
-  per-(query, layer) bias LB, so queries of several task heads share one launch. "triton" is the fused
-  flash-style kernel of ops_triton.py; "auto" picks it for CUDA tensors and the reference elsewhere.
+  per-(query, layer) bias LB, so queries of several task heads share one launch. "op" is the registered
+  `torch.ops.faceptor.layer_attention` (custom_op + register_fake + register_autograd, so torch.compile traces
+  through it with no graph break and torch.export keeps it as one node): its CUDA kernel is the fused flash-style
+  Triton kernel of ops_triton.py, its CPU kernel the reference below. "triton" is the same op forced onto the
+  Triton kernels (CPU tensors only under TRITON_INTERPRET=1); "auto" = "op" for CUDA tensors, "ref" elsewhere.
 
 Divergences / conventions:
 * heatmap_to_coords returns float32 for float32/float16/bfloat16 logits (the sums are accumulated in fp32 rows
@@ -21,12 +25,15 @@ Divergences / conventions:
   softmax anyway) and b_v is added by the caller after the op. A layer bias of -inf masks a layer (Layer-Attention
   switched off, paper: "can be excluded during inference"); a row with every key masked returns 0, not NaN.
 """
+import functools
 import logging
+from typing import Tuple
 
 import torch
 
 log = logging.getLogger(__name__)
 
+LOG2E = 1.4426950408889634
 BUILD_HINT = "build it with `python setup.py build_ext --inplace` in the repository root"
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -63,10 +70,6 @@ def heatmap_to_coords_ref(logits: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------------------
 # heatmap -> coordinates: the C++/CUDA op (csrc/); Python supplies the fake (meta) kernel and the autograd formula.
-def _stream(t: torch.Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
-
-
 def _coords_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -83,24 +86,23 @@ def _register_ext_python_parts():
     fwd_name, bwd_name = "faceptor::heatmap_to_coords_fwd", "faceptor::heatmap_to_coords_bwd"
 
     @torch.library.register_fake(fwd_name)
-    def _(logits, stream=0):
+    def _(logits):
         B, K = logits.shape[:2]
         dt = _coords_dtype(logits.dtype)
         return logits.new_empty((B, K, 2), dtype=dt), logits.new_empty((B, K, 3), dtype=dt)
 
     @torch.library.register_fake(bwd_name)
-    def _(grad, logits, stats, stream=0):
+    def _(grad, logits, stats):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
     def setup_context(ctx, inputs, output):
-        logits, _stream_id = inputs
+        (logits,) = inputs
         ctx.save_for_backward(logits, output[1])                 # stats = (S flagged, u, v) per channel
         ctx.mark_non_differentiable(output[1])
 
     def backward(ctx, grad_coords, grad_stats):
         logits, stats = ctx.saved_tensors
-        grad_logits = torch.ops.faceptor.heatmap_to_coords_bwd(grad_coords, logits, stats, _stream(logits))
-        return grad_logits, None
+        return torch.ops.faceptor.heatmap_to_coords_bwd(grad_coords, logits, stats)
 
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
     _EXT_DEVICES = frozenset(dev for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))
@@ -162,7 +164,7 @@ def heatmap_to_coords(logits: torch.Tensor, impl: str = "auto") -> torch.Tensor:
         if impl == "auto":
             _hint_once("heatmap_to_coords")
         return heatmap_to_coords_ref(logits)
-    return torch.ops.faceptor.heatmap_to_coords_fwd(logits, _stream(logits))[0]
+    return torch.ops.faceptor.heatmap_to_coords_fwd(logits)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -172,6 +174,11 @@ def layer_attention_ref(q, kf, kp, v, lb):
 
     q [B,H,Nq,dh], kf and v [B,H,L,HW,dh], kp [H,HW,dh] or [B,H,HW,dh], lb [B,H,Nq,L] -> [B,H,Nq,dh].
     """
+    return _layer_attention_ref_lse(q, kf, kp, v, lb)[0]
+
+
+def _layer_attention_ref_lse(q, kf, kp, v, lb):
+    """layer_attention_ref and the row log-sum-exp in log2 units (+inf for an all-masked row), as the kernel."""
     B, H, L, HW, dh = kf.shape
     if kp.dim() == 3:
         kp = kp.unsqueeze(0)
@@ -183,7 +190,8 @@ def layer_attention_ref(q, kf, kp, v, lb):
     p = torch.exp(s - m)
     l = p.sum(-1, keepdim=True)
     out = p @ v.flatten(2, 3)                                       # [B, H, Nq, dh]
-    return out / torch.where(l == 0, torch.ones_like(l), l)
+    lse = torch.where(l == 0, torch.inf, m + torch.log(l)).squeeze(-1) * LOG2E    # [B, H, Nq]
+    return out / torch.where(l == 0, torch.ones_like(l), l), lse
 
 
 def _check_layer_attention_args(q, kf, kp, v, lb):
@@ -205,25 +213,114 @@ def _check_layer_attention_args(q, kf, kp, v, lb):
                          f"{tuple(kp.shape)}")
     if tuple(lb.shape) != (B, H, Nq, L):
         raise ValueError(f"ops.layer_attention: lb must be [B,H,Nq,L] = {(B, H, Nq, L)}, got {tuple(lb.shape)}")
-    if min(B, H, Nq, L, HW, dh) == 0:
+    if any(n == 0 for n in (B, H, Nq, L, HW, dh)):         # not min(): a symbolic batch under torch.export
         raise ValueError(f"ops.layer_attention: empty input, q {tuple(q.shape)}, kf {tuple(kf.shape)}")
 
 
-def layer_attention(q, kf, kp, v, lb, impl: str = "auto"):
+# ---------------------------------------------------------------------------------------------------------------
+# Layer-Attention cross-attention: the registered op faceptor::layer_attention (Triton on CUDA, reference on CPU)
+def _la_out_dtype(q, kf, kp, v, lb, fused):
+    if fused:
+        return q.dtype
+    return functools.reduce(torch.promote_types, (t.dtype for t in (q, kf, kp, v, lb)))
+
+
+@torch.library.custom_op("faceptor::layer_attention", mutates_args=())
+def _la_op(q: torch.Tensor, kf: torch.Tensor, kp: torch.Tensor, v: torch.Tensor, lb: torch.Tensor, fused: bool,
+           block_m: int, block_n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """-> (O [B,H,Nq,dh], LSE [B,H,Nq] fp32, log2 units). fused: the Triton kernels (CUDA, or the interpreter)."""
+    if fused:
+        ops_triton.check_inputs(q, kf, kp, v, lb)
+        return ops_triton.forward(q, kf, kp, v, lb, ops_triton.check_blocks(block_m, block_n))
+    out, lse = _layer_attention_ref_lse(q, kf, kp, v, lb)
+    return out.contiguous(), lse.float()
+
+
+@_la_op.register_fake
+def _(q, kf, kp, v, lb, fused, block_m, block_n):
+    B, H, NQ, DH = q.shape
+    return q.new_empty((B, H, NQ, DH), dtype=_la_out_dtype(q, kf, kp, v, lb, fused)), \
+        q.new_empty((B, H, NQ), dtype=torch.float32)
+
+
+@torch.library.custom_op("faceptor::layer_attention_bwd", mutates_args=())
+def _la_bwd_op(do: torch.Tensor, q: torch.Tensor, kf: torch.Tensor, kp: torch.Tensor, v: torch.Tensor,
+               lb: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, fused: bool, block_m: int,
+               block_n: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dQ, dKF, dKP, dV, dLB), contiguous, each in its input's dtype: the Triton kernels (fused) or the
+    reference backward below."""
+    if fused:
+        return ops_triton.backward(do, q, kf, kp, v, lb, o, lse, ops_triton.check_blocks(block_m, block_n))
+    return _layer_attention_ref_bwd(do, q, kf, kp, v, lb)
+
+
+def _layer_attention_ref_bwd(do, q, kf, kp, v, lb):
+    """Gradients of layer_attention_ref, written out (an op's kernel runs below autograd), the kernels' formulas:
+    dV = P^T dO, dS = P (dO V^T - rowsum(dO * O)), dQ = c dS K, dK = c dS^T Q, dKP = sum_j dKF, dLB = sum_p dS."""
+    B, H, L, HW, dh = kf.shape
+    c = dh ** -0.5
+    dt = functools.reduce(torch.promote_types, (t.dtype for t in (do, q, kf, kp, v, lb)))
+    kp4 = kp if kp.dim() == 4 else kp.unsqueeze(0)
+    k = (kf + kp4.unsqueeze(2)).flatten(2, 3).to(dt)                # [B, H, L*HW, dh]  keys (minus L_t)
+    vf, qd, dod = v.flatten(2, 3).to(dt), q.to(dt), do.to(dt)       # [B, H, L*HW, dh], [B, H, Nq, dh]
+    s = qd @ k.transpose(-1, -2) * c + lb.to(dt).repeat_interleave(HW, dim=-1)    # [B, H, Nq, L*HW]  Eq. (6)
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)         # all-masked row guard
+    p = torch.exp(s - m)
+    l = p.sum(-1, keepdim=True)
+    p = p / torch.where(l == 0, torch.ones_like(l), l)              # softmax; 0 on an all-masked row
+    dp = dod @ vf.transpose(-1, -2)                                 # [B, H, Nq, L*HW]
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+    dkf = (c * ds.transpose(-1, -2) @ qd).unflatten(2, (L, HW))     # [B, H, L, HW, dh]
+    dkp = dkf.sum(2) if kp.dim() == 4 else dkf.sum((0, 2))          # [B, H, HW, dh] or [H, HW, dh]
+    grads = (c * ds @ k, dkf, dkp, (p.transpose(-1, -2) @ dod).unflatten(2, (L, HW)),
+             ds.unflatten(-1, (L, HW)).sum(-1))                     # dQ, dKF, dKP, dV, dLB [B, H, Nq, L]
+    return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (q, kf, kp, v, lb)))
+
+
+@_la_bwd_op.register_fake
+def _(do, q, kf, kp, v, lb, o, lse, fused, block_m, block_n):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, kf, kp, v, lb))
+
+
+def _la_setup_context(ctx, inputs, output):
+    q, kf, kp, v, lb, fused, block_m, block_n = inputs
+    o, lse = output
+    ctx.save_for_backward(q, kf, kp, v, lb, o, lse)
+    ctx.args = (fused, block_m, block_n)
+    ctx.mark_non_differentiable(lse)
+
+
+def _la_backward(ctx, do, _dlse):
+    q, kf, kp, v, lb, o, lse = ctx.saved_tensors
+    grads = torch.ops.faceptor.layer_attention_bwd(do.contiguous(), q, kf, kp, v, lb, o, lse, *ctx.args)
+    return (*grads, None, None, None)
+
+
+_la_op.register_autograd(_la_backward, setup_context=_la_setup_context)
+
+
+def layer_attention(q, kf, kp, v, lb, impl: str = "auto", block_m: int = 0, block_n: int = 0):
     """Fused Layer-Attention cross-attention (eqs. 6-7), see layer_attention_ref for the math and shapes.
 
-    impl: "auto" (Triton for CUDA tensors when triton is installed, the reference elsewhere), "ref" or "triton".
+    impl: "auto" ("op" for CUDA tensors when triton is installed, "ref" elsewhere), "ref" (plain PyTorch),
+    "op" (the registered op: Triton on CUDA, reference on CPU) or "triton" (the op on its Triton kernels).
+    block_m / block_n override the shipped Triton tile sizes (powers of 2 >= 16; the tests exercise the tiling).
     """
     _check_layer_attention_args(q, kf, kp, v, lb)
     if impl == "auto":
-        impl = "triton" if (q.is_cuda and HAVE_TRITON) else "ref"
+        impl = "op" if (q.is_cuda and HAVE_TRITON) else "ref"
     if impl == "ref":
         return layer_attention_ref(q, kf, kp, v, lb)
-    if impl == "triton":
-        if not HAVE_TRITON:
-            raise RuntimeError("ops.layer_attention(impl='triton'): triton is not installed")
-        return ops_triton.layer_attention_triton(q, kf, kp, v, lb)
-    raise ValueError(f"ops.layer_attention: impl must be 'auto', 'ref' or 'triton', got {impl!r}")
+    if impl not in ("op", "triton"):
+        raise ValueError(f"ops.layer_attention: impl must be 'auto', 'ref', 'op' or 'triton', got {impl!r}")
+    fused = impl == "triton" or q.is_cuda
+    if fused and not HAVE_TRITON:
+        raise RuntimeError(f"ops.layer_attention(impl={impl!r}): triton is not installed (pip install triton)")
+    if fused:
+        ops_triton.check_inputs(q, kf, kp, v, lb)
+        ops_triton.check_blocks(block_m, block_n)
+    return torch.ops.faceptor.layer_attention(q, kf, kp, v, lb, fused, block_m, block_n)[0]
 
 
 __all__ = ["heatmap_to_coords", "heatmap_to_coords_ref", "layer_attention", "layer_attention_ref",

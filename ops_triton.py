@@ -18,6 +18,7 @@ Interpreter (TRITON_INTERPRET=1) pitfalls handled here: bf16 arithmetic is wrong
 to fp32 after the load when interpreting bf16; out-of-bounds loads are not trapped there, so every load is masked;
 tl.dot needs all dims >= 16 on GPU, so BLOCK_M, BLOCK_N, BLOCK_D >= 16 always (dh is padded to BLOCK_D).
 """
+import contextlib
 import os
 
 import torch
@@ -257,13 +258,26 @@ def _la_bwd_dkdv_kernel(Q, KF, KP, V, LB, DO, LSE, DELTA, DKF, DV, DKP,
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Launchers and autograd wrapper
+# Launchers (autograd and the torch.library op live in ops.py: faceptor::layer_attention and its backward)
 def _block_d(dh: int) -> int:
     return max(16, triton.next_power_of_2(dh))
 
 
 def _dot_f32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16)
+
+
+def _empty(shape, dtype, device):
+    """Every output buffer of the launchers (the GPU tests poison it with NaN to catch unwritten elements)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _on_device(q):
+    """Launch on q's GPU, not the current one (a --device cuda:1 run); grid y = B*H must fit CUDA's 65,535."""
+    if q.shape[0] * q.shape[1] > 65535:
+        raise ValueError(f"ops.layer_attention(impl='triton'): B*H = {q.shape[0] * q.shape[1]} exceeds the CUDA "
+                         f"grid limit 65,535; split the batch")
+    return torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
 
 
 def _kp_strides(kp):
@@ -280,64 +294,60 @@ def _config(kernel, dtype, blocks):
     return bm, bn, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-def _forward(q, kf, kp, v, lb, blocks):
+def forward(q, kf, kp, v, lb, blocks=None):
+    """-> (O [B,H,Nq,dh] in q.dtype, LSE [B,H,Nq] fp32 in log2 units, +inf on all-masked rows)."""
     B, H, NQ, DH = q.shape
     NL, HW = kf.shape[2], kf.shape[3]
-    o = torch.empty((B, H, NQ, DH), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
+    o = _empty((B, H, NQ, DH), q.dtype, q.device)
+    lse = _empty((B, H, NQ), torch.float32, q.device)
     block_m, block_n, launch = _config("fwd", q.dtype, blocks)
     grid = (triton.cdiv(NQ, block_m), B * H)
-    _la_fwd_kernel[grid](q, kf, kp, v, lb, o, lse, *q.stride(), *kf.stride(), *_kp_strides(kp), *v.stride(),
-                         *lb.stride(), *o.stride(), H, NQ, NL, HW, DH, LOG2E / DH ** 0.5,
-                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(DH), DOT_F32=_dot_f32(q.dtype),
-                         **launch)
+    with _on_device(q):
+        _la_fwd_kernel[grid](q, kf, kp, v, lb, o, lse, *q.stride(), *kf.stride(), *_kp_strides(kp), *v.stride(),
+                             *lb.stride(), *o.stride(), H, NQ, NL, HW, DH, LOG2E / DH ** 0.5,
+                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(DH), DOT_F32=_dot_f32(q.dtype),
+                             **launch)
     return o, lse
 
 
-def _backward(do, q, kf, kp, v, lb, o, lse, blocks):
+def backward(do, q, kf, kp, v, lb, o, lse, blocks=None):
+    """-> (dQ, dKF, dKP, dV, dLB), each in its input's dtype and shape, contiguous."""
     B, H, NQ, DH = q.shape
     NL, HW = kf.shape[2], kf.shape[3]
     delta = (do.float() * o.float()).sum(-1)                      # [B, H, Nq]
-    dq = torch.empty((B, H, NQ, DH), dtype=q.dtype, device=q.device)
-    dlb = torch.empty((B, H, NQ, NL), dtype=torch.float32, device=q.device)
-    dkf = torch.empty((B, H, NL, HW, DH), dtype=kf.dtype, device=q.device)
-    dv = torch.empty((B, H, NL, HW, DH), dtype=v.dtype, device=q.device)
-    dkp = torch.empty((B, H, HW, DH), dtype=torch.float32, device=q.device)
+    dq = _empty((B, H, NQ, DH), q.dtype, q.device)
+    dlb = _empty((B, H, NQ, NL), torch.float32, q.device)
+    dkf = _empty((B, H, NL, HW, DH), kf.dtype, q.device)
+    dv = _empty((B, H, NL, HW, DH), v.dtype, q.device)
+    dkp = _empty((B, H, HW, DH), torch.float32, q.device)
     strides = (*q.stride(), *kf.stride(), *_kp_strides(kp), *v.stride(), *lb.stride(), *do.stride())
     common = dict(BLOCK_D=_block_d(DH), DOT_F32=_dot_f32(q.dtype))
     scales = (LOG2E / DH ** 0.5, DH ** -0.5)
-    block_m, block_n, launch = _config("dq", q.dtype, blocks)
-    _la_bwd_dq_kernel[(triton.cdiv(NQ, block_m), B * H)](
-        q, kf, kp, v, lb, do, lse, delta, dq, dlb, *strides, H, NQ, NL, HW, DH, *scales,
-        BLOCK_M=block_m, BLOCK_N=block_n, **launch, **common)
-    block_m, block_n, launch = _config("dkdv", q.dtype, blocks)
-    _la_bwd_dkdv_kernel[(triton.cdiv(HW, block_n), B * H)](
-        q, kf, kp, v, lb, do, lse, delta, dkf, dv, dkp, *strides, H, NQ, NL, HW, DH, *scales,
-        BLOCK_M=block_m, BLOCK_N=block_n, **launch, **common)
+    with _on_device(q):
+        block_m, block_n, launch = _config("dq", q.dtype, blocks)
+        _la_bwd_dq_kernel[(triton.cdiv(NQ, block_m), B * H)](
+            q, kf, kp, v, lb, do, lse, delta, dq, dlb, *strides, H, NQ, NL, HW, DH, *scales,
+            BLOCK_M=block_m, BLOCK_N=block_n, **launch, **common)
+        block_m, block_n, launch = _config("dkdv", q.dtype, blocks)
+        _la_bwd_dkdv_kernel[(triton.cdiv(HW, block_n), B * H)](
+            q, kf, kp, v, lb, do, lse, delta, dkf, dv, dkp, *strides, H, NQ, NL, HW, DH, *scales,
+            BLOCK_M=block_m, BLOCK_N=block_n, **launch, **common)
     dkp = (dkp.sum(0) if kp.dim() == 3 else dkp).to(kp.dtype)     # [H, HW, dh] when KP is shared over B
     return dq, dkf, dkp, dv, dlb.to(lb.dtype)
 
 
-class _LayerAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, kf, kp, v, lb, blocks):
-        o, lse = _forward(q, kf, kp, v, lb, blocks)
-        ctx.save_for_backward(q, kf, kp, v, lb, o, lse)
-        ctx.blocks = blocks
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, kf, kp, v, lb, o, lse = ctx.saved_tensors
-        return (*_backward(do, q, kf, kp, v, lb, o, lse, ctx.blocks), None)
+def check_blocks(block_m: int, block_n: int):
+    """Tile-size override (0 = the shipped config): powers of 2 >= 16, the tl.dot minimum."""
+    if block_m == 0 and block_n == 0:
+        return None
+    blocks = (block_m or 64, block_n or 64)
+    if min(blocks) < 16 or any(b & (b - 1) for b in blocks):
+        raise ValueError(f"ops.layer_attention: block sizes must be powers of 2 >= 16 (tl.dot), got {blocks}")
+    return blocks
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Entry point (arguments already checked by ops.layer_attention)
-def layer_attention_triton(q, kf, kp, v, lb, block_m=None, block_n=None):
-    """Triton path of ops.layer_attention. q, kf, kp, v share one dtype (fp16/bf16/fp32); any strides.
-    block_m / block_n override the shipped tile sizes of all three kernels (>= 16; the tests use small ones to
-    exercise the tiling)."""
+def check_inputs(q, kf, kp, v, lb):
+    """What the kernels need beyond ops.layer_attention's shape checks: one dtype, one device, CUDA."""
     if not (q.dtype == kf.dtype == kp.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16,
                                                                           torch.float32):
         raise ValueError(f"ops.layer_attention(impl='triton'): q, kf, kp, v must share one dtype of float16/"
@@ -346,9 +356,3 @@ def layer_attention_triton(q, kf, kp, v, lb, block_m=None, block_n=None):
         raise ValueError("ops.layer_attention(impl='triton'): all inputs must be on one device")
     if q.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("ops.layer_attention(impl='triton'): needs CUDA tensors (or TRITON_INTERPRET=1)")
-    blocks = None
-    if block_m is not None or block_n is not None:
-        blocks = (block_m or 64, block_n or 64)
-        if min(blocks) < 16 or any(b & (b - 1) for b in blocks):
-            raise ValueError(f"ops.layer_attention: block sizes must be powers of 2 >= 16 (tl.dot), got {blocks}")
-    return _LayerAttention.apply(q, kf, kp, v, lb, blocks)

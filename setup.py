@@ -21,9 +21,8 @@ def extension_sources(with_cuda: bool):
     """Sources and macros of the extension; shared with the test build in tests/test_ops.py."""
     sources = [os.path.join(CSRC, "faceptor_ops.cpp"), os.path.join(CSRC, "heatmap_cpu.cpp")]
     macros = []
-    if with_cuda:
+    if with_cuda:   # the .cu registers the CUDA kernels itself (TORCH_LIBRARY_IMPL(faceptor, CUDA, ...))
         sources.append(os.path.join(CSRC, "heatmap_cuda.cu"))
-        macros.append(("FACEPTOR_WITH_CUDA", None))
     return sources, macros
 
 

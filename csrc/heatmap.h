@@ -30,8 +30,7 @@ inline void check_backward_args(const at::Tensor& grad, const at::Tensor& x, con
               "faceptor::heatmap_to_coords_bwd: all tensors must be on ", x.device());
 }
 
-std::tuple<at::Tensor, at::Tensor> heatmap_fwd_cpu(const at::Tensor& logits, int64_t stream);
-at::Tensor heatmap_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& stats,
-                           int64_t stream);
+std::tuple<at::Tensor, at::Tensor> heatmap_fwd_cpu(const at::Tensor& logits);
+at::Tensor heatmap_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& stats);
 
 }  // namespace faceptor

@@ -377,8 +377,7 @@ void advise_huge_pages(at::Tensor& t) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> heatmap_fwd_cpu(const at::Tensor& logits, int64_t stream) {
-  (void)stream;
+std::tuple<at::Tensor, at::Tensor> heatmap_fwd_cpu(const at::Tensor& logits) {
   check_logits(logits);
   const auto acc = coords_dtype(logits.scalar_type());
   auto opts = logits.options().dtype(acc);
@@ -389,9 +388,7 @@ std::tuple<at::Tensor, at::Tensor> heatmap_fwd_cpu(const at::Tensor& logits, int
   return {coords, stats};
 }
 
-at::Tensor heatmap_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& stats,
-                           int64_t stream) {
-  (void)stream;
+at::Tensor heatmap_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& stats) {
   check_logits(logits);
   check_backward_args(grad, logits, stats);
   auto g = grad.contiguous();

@@ -1,18 +1,27 @@
-// Heatmap -> coordinates, CUDA kernels (docs/design.md sections 4 and 10; the "normalising channel k" of eq. 9).
-// Same math and outputs as heatmap_cpu.cpp. Plain extern "C" launch API on a caller-given stream (torch's current
-// stream, passed from Python as an integer); includes only the CUDA runtime, no torch headers.
+// Heatmap -> coordinates, CUDA kernels and their CUDA registration (docs/design.md sections 4 and 10; the "normalising channel k" of eq. 9,
+// as the authors' code does it: sigmoid, sum-normalise, expected column/row, pixel-centre convention).
+// Same math and outputs as heatmap_cpu.cpp. As in pytorch/extension-cpp, this file holds the whole CUDA side of the
+// op: the wrappers take at::Tensor, allocate the outputs, take the current stream from ATen inside the op (so it
+// is right under torch.compile and CUDA graphs, never a frozen integer) and register with TORCH_LIBRARY_IMPL.
+// faceptor_ops.cpp (schema + CPU kernels) needs no CUDA headers and builds against CPU-only torch.
 //
 // Forward: one block per (b, k) channel; each thread sums sigmoid, sigmoid*col, sigmoid*row over a strided slice
 // of the pixels in fp32 (fp64 for fp64 input), the block reduces the three sums in double (warp shuffles, then
 // shared memory), thread 0 writes coords (fp32/fp64) and stats (S flagged negative when clamped, u, v).
 // Backward: one block per channel, grad_m = s(1-s) (a col + b row + k0), written in the input dtype.
-#include <cuda_runtime.h>  // the only include: plain integer types below (long long = int64_t on LP64)
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "heatmap.h"
 
 namespace {
 
 constexpr int kThreads = 256;
 
-// dtype codes (faceptor_ops.cpp): 0 fp32, 1 fp64, 2 fp16, 3 bf16. Half types are handled as raw 16-bit values.
+// Half types are handled as raw 16-bit values (layout-compatible with c10::Half / c10::BFloat16).
 struct F16 { unsigned short bits; };
 struct BF16 { unsigned short bits; };
 
@@ -128,54 +137,81 @@ __global__ void __launch_bounds__(kThreads) heatmap_bwd_kernel(const typename Ac
 }
 
 template <typename T>
-int launch_fwd(const void* x, long long B, long long K, long long H, long long W, long long sB, long long sK, long long sH,
-               long long sW, void* coords, void* stats, cudaStream_t stream) {
+void launch_fwd(const at::Tensor& x, at::Tensor& coords, at::Tensor& stats, cudaStream_t stream) {
   using A = typename Acc<T>::type;
+  const long long B = x.size(0), K = x.size(1);
   heatmap_fwd_kernel<T><<<dim3(static_cast<unsigned>(B * K)), kThreads, 0, stream>>>(
-      static_cast<const T*>(x), K, H, W, sB, sK, sH, sW, static_cast<A*>(coords), static_cast<A*>(stats));
-  return static_cast<int>(cudaGetLastError());
+      static_cast<const T*>(x.const_data_ptr()), K, x.size(2), x.size(3), x.stride(0), x.stride(1), x.stride(2),
+      x.stride(3), static_cast<A*>(coords.mutable_data_ptr()), static_cast<A*>(stats.mutable_data_ptr()));
 }
 
 template <typename T>
-int launch_bwd(const void* grad, const void* x, const void* stats, long long B, long long K, long long H, long long W,
-               long long sB, long long sK, long long sH, long long sW, void* gx, cudaStream_t stream) {
+void launch_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& stats, at::Tensor& gx,
+                cudaStream_t stream) {
   using A = typename Acc<T>::type;
+  const long long B = x.size(0), K = x.size(1);
   heatmap_bwd_kernel<T><<<dim3(static_cast<unsigned>(B * K)), kThreads, 0, stream>>>(
-      static_cast<const A*>(grad), static_cast<const T*>(x), static_cast<const A*>(stats), K, H, W, sB, sK, sH,
-      sW, static_cast<T*>(gx));
-  return static_cast<int>(cudaGetLastError());
+      static_cast<const A*>(grad.const_data_ptr()), static_cast<const T*>(x.const_data_ptr()),
+      static_cast<const A*>(stats.const_data_ptr()), K, x.size(2), x.size(3), x.stride(0), x.stride(1),
+      x.stride(2), x.stride(3), static_cast<T*>(gx.mutable_data_ptr()));
+}
+
+void check_launch(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  TORCH_CHECK(err == cudaSuccess, what, " (CUDA): ", cudaGetErrorString(err));
+}
+
+void check_grid(const at::Tensor& x, const char* what) {
+  TORCH_CHECK(x.size(0) * x.size(1) <= 0x7fffffffLL, what, ": B*K = ", x.size(0) * x.size(1),
+              " channels exceed the CUDA grid limit 2^31-1");
 }
 
 }  // namespace
 
-extern "C" int faceptor_heatmap_fwd_cuda(int dtype, const void* x, long long B, long long K, long long H, long long W,
-                                         long long sB, long long sK, long long sH, long long sW, void* coords,
-                                         void* stats, void* stream) {
-  if (B * K > 0x7fffffffLL) return static_cast<int>(cudaErrorInvalidConfiguration);
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case 0: return launch_fwd<float>(x, B, K, H, W, sB, sK, sH, sW, coords, stats, s);
-    case 1: return launch_fwd<double>(x, B, K, H, W, sB, sK, sH, sW, coords, stats, s);
-    case 2: return launch_fwd<F16>(x, B, K, H, W, sB, sK, sH, sW, coords, stats, s);
-    case 3: return launch_fwd<BF16>(x, B, K, H, W, sB, sK, sH, sW, coords, stats, s);
-    default: return static_cast<int>(cudaErrorInvalidValue);
+namespace faceptor {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> heatmap_fwd_cuda(const at::Tensor& x) {
+  check_logits(x);
+  check_grid(x, "faceptor::heatmap_to_coords");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  auto opts = x.options().dtype(coords_dtype(x.scalar_type()));
+  auto coords = at::empty({x.size(0), x.size(1), 2}, opts);
+  auto stats = at::empty({x.size(0), x.size(1), 3}, opts);
+  switch (x.scalar_type()) {
+    case at::kFloat: launch_fwd<float>(x, coords, stats, stream); break;
+    case at::kDouble: launch_fwd<double>(x, coords, stats, stream); break;
+    case at::kHalf: launch_fwd<F16>(x, coords, stats, stream); break;
+    default: launch_fwd<BF16>(x, coords, stats, stream); break;   // check_logits allows only these four
   }
+  check_launch("faceptor::heatmap_to_coords");
+  return {coords, stats};
 }
 
-extern "C" int faceptor_heatmap_bwd_cuda(int dtype, const void* grad, const void* x, const void* stats, long long B,
-                                         long long K, long long H, long long W, long long sB, long long sK, long long sH,
-                                         long long sW, void* gx, void* stream) {
-  if (B * K > 0x7fffffffLL) return static_cast<int>(cudaErrorInvalidConfiguration);
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case 0: return launch_bwd<float>(grad, x, stats, B, K, H, W, sB, sK, sH, sW, gx, s);
-    case 1: return launch_bwd<double>(grad, x, stats, B, K, H, W, sB, sK, sH, sW, gx, s);
-    case 2: return launch_bwd<F16>(grad, x, stats, B, K, H, W, sB, sK, sH, sW, gx, s);
-    case 3: return launch_bwd<BF16>(grad, x, stats, B, K, H, W, sB, sK, sH, sW, gx, s);
-    default: return static_cast<int>(cudaErrorInvalidValue);
+at::Tensor heatmap_bwd_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& stats) {
+  check_logits(x);
+  check_backward_args(grad, x, stats);
+  check_grid(x, "faceptor::heatmap_to_coords_bwd");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  const auto g = grad.contiguous();
+  const auto st = stats.contiguous();
+  auto gx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  switch (x.scalar_type()) {
+    case at::kFloat: launch_bwd<float>(g, x, st, gx, stream); break;
+    case at::kDouble: launch_bwd<double>(g, x, st, gx, stream); break;
+    case at::kHalf: launch_bwd<F16>(g, x, st, gx, stream); break;
+    default: launch_bwd<BF16>(g, x, st, gx, stream); break;
   }
+  check_launch("faceptor::heatmap_to_coords_bwd");
+  return gx;
 }
 
-extern "C" const char* faceptor_cuda_error_string(int err) {
-  return cudaGetErrorString(static_cast<cudaError_t>(err));
+}  // namespace
+}  // namespace faceptor
+
+TORCH_LIBRARY_IMPL(faceptor, CUDA, m) {
+  m.impl("heatmap_to_coords_fwd", &faceptor::heatmap_fwd_cuda);
+  m.impl("heatmap_to_coords_bwd", &faceptor::heatmap_bwd_cuda);
 }

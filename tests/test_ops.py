@@ -123,9 +123,9 @@ def test_heatmap_opcheck(ext):
     samples = [torch.randn(2, 3, 16, 24), torch.randn(2, 3, 16, 24, dtype=torch.float64),
                torch.randn(1, 2, 9, 7).transpose(2, 3), torch.randn(2, 1, 5, 6, dtype=torch.float16)]
     for x in samples:
-        torch.library.opcheck(ext.heatmap_to_coords_fwd.default, (x.requires_grad_(), 0))
-        coords, stats = ext.heatmap_to_coords_fwd(x.detach(), 0)
-        torch.library.opcheck(ext.heatmap_to_coords_bwd.default, (torch.randn_like(coords), x.detach(), stats, 0))
+        torch.library.opcheck(ext.heatmap_to_coords_fwd.default, (x.requires_grad_(),))
+        coords, stats = ext.heatmap_to_coords_fwd(x.detach())
+        torch.library.opcheck(ext.heatmap_to_coords_bwd.default, (torch.randn_like(coords), x.detach(), stats))
 
 
 def test_heatmap_torch_compile_fullgraph(ext):
@@ -201,40 +201,29 @@ def test_heatmap_bad_input_raises(ext):
         ops.heatmap_to_coords(torch.zeros(1, 1, 4, 4), impl="fast")
     # the op itself checks too (direct callers, e.g. other frontends)
     with pytest.raises(RuntimeError, match="B, K, H, W"):
-        ext.heatmap_to_coords_fwd(torch.randn(3, 8, 8), 0)
+        ext.heatmap_to_coords_fwd(torch.randn(3, 8, 8))
     with pytest.raises(RuntimeError, match="non-empty"):
-        ext.heatmap_to_coords_fwd(torch.zeros(1, 0, 4, 4), 0)
+        ext.heatmap_to_coords_fwd(torch.zeros(1, 0, 4, 4))
     with pytest.raises(RuntimeError, match="float32"):
-        ext.heatmap_to_coords_fwd(torch.zeros(1, 1, 4, 4, dtype=torch.int32), 0)
+        ext.heatmap_to_coords_fwd(torch.zeros(1, 1, 4, 4, dtype=torch.int32))
 
 
 def test_heatmap_auto_uses_ext_when_built(ext):
     x = torch.randn(2, 3, 9, 9)
-    torch.testing.assert_close(ops.heatmap_to_coords(x), ext.heatmap_to_coords_fwd(x, 0)[0], rtol=0, atol=0)
+    torch.testing.assert_close(ops.heatmap_to_coords(x), ext.heatmap_to_coords_fwd(x)[0], rtol=0, atol=0)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: the CUDA kernel source is not compiled")
 def test_cuda_source_compiles_with_nvcc(tmp_path):
-    out = tmp_path / "heatmap_cuda.o"
-    cmd = ["nvcc", "-O3", "-arch=sm_90", "-c", os.path.join(CSRC, "heatmap_cuda.cu"), "-o", str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=170)
-    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}"
-    assert out.stat().st_size > 0
-    # the .cu includes only <cuda_runtime.h>: no torch headers, so it builds without a CUDA torch
-    src = open(os.path.join(CSRC, "heatmap_cuda.cu")).read()
-    includes = [line.split()[1] for line in src.splitlines() if line.startswith("#include")]
-    assert includes == ["<cuda_runtime.h>"], includes
-
-
-def test_cuda_binding_compiles_against_cpu_torch():
-    # the CUDA registration in faceptor_ops.cpp needs no CUDA headers: syntax-check it with FACEPTOR_WITH_CUDA
+    """The whole CUDA side of the op (kernels, at::Tensor wrappers, stream from ATen, TORCH_LIBRARY_IMPL) through
+    nvcc for sm_90 against this torch's headers. A CPU-only torch ships the CUDA headers but not the generated
+    cuda_cmake_macros.h (it only sets Windows export macros), hence C10_CUDA_NO_CMAKE_CONFIGURE_FILE here."""
     import sysconfig
     from torch.utils import cpp_extension
-    cxx = shutil.which("c++") or shutil.which("g++")
-    if cxx is None:
-        pytest.skip("no C++ compiler found")
-    includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
-    cmd = [cxx, "-std=c++20", "-fsyntax-only", "-DFACEPTOR_WITH_CUDA", *includes,
-           os.path.join(CSRC, "faceptor_ops.cpp")]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=170)
-    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "heatmap_cuda.o"
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}", f"-I{CSRC}"]
+    cmd = ["nvcc", "-O3", "--use_fast_math", "-arch=sm_90", "-std=c++20", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+           *includes, "-c", os.path.join(CSRC, "heatmap_cuda.cu"), "-o", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)   # ~30 s on an idle core
+    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}"
+    assert out.stat().st_size > 0

@@ -46,8 +46,8 @@ def make_inputs(B, H, NQ, NL, HW, dh, dtype, shared_kp=True, masked=(), gen=None
 def run(impl, inputs, grad_out, **kw):
     """Output and gradients w.r.t. every input."""
     xs = [t.detach().requires_grad_() for t in inputs]
-    fn = ops.layer_attention if impl != "triton-blocks" else ops.ops_triton.layer_attention_triton
-    out = fn(*xs, **kw) if impl == "triton-blocks" else fn(*xs, impl=impl)
+    out = ops.layer_attention(*xs, impl="triton", **kw) if impl == "triton-blocks" else \
+        ops.layer_attention(*xs, impl=impl)
     grads = torch.autograd.grad(out, xs, grad_out.to(out.dtype))
     return [out.detach(), *grads]
 
@@ -102,7 +102,7 @@ def test_triton_bf16_runs_interpreted():
 def test_triton_paper_shape_lite():
     # one head of the 512 px case: all 235 queries, 6 layers of 32x32 memory, dh = 32 (forward only)
     q, kf, kp, v, lb = make_inputs(1, 1, 235, 6, 1024, 32, torch.float32)
-    out = ops.ops_triton.layer_attention_triton(q, kf, kp, v, lb, block_m=128, block_n=128)
+    out = ops.layer_attention(q, kf, kp, v, lb, impl="triton", block_m=128, block_n=128)
     exp = ops.layer_attention_ref(*(t.double() for t in (q, kf, kp, v, lb)))
     assert_close_normwise(out, exp, TOL[torch.float32], what="paper-shape-lite")
 
@@ -214,7 +214,7 @@ def test_auto_dispatch_and_bad_input():
     with pytest.raises(ValueError, match="one dtype"):
         ops.layer_attention(q.double(), kf.double(), kp.double(), v.double(), lb, impl="triton")
     with pytest.raises(ValueError, match=">= 16"):
-        ops.ops_triton.layer_attention_triton(q, kf, kp, v, lb, block_m=8)
+        ops.layer_attention(q, kf, kp, v, lb, impl="triton", block_m=8)
 
 
 AOT_SCRIPT = textwrap.dedent("""
