@@ -411,7 +411,7 @@ def section_compile(args):
     """torch.compile vs eager on CPU: the demo training step (fwd + bwd) and the demo model's all-head predict."""
     import losses
     import train
-    from gpu_check import synthetic_batches, training_setup
+    from bench_train import synthetic_batches, training_setup
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = train.PRESETS["demo"]

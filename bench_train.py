@@ -172,3 +172,39 @@ def section_train(args):
         print(f"  {k:52s} {1000 * v:8.1f}  {share}")
     print(f"  one face: {1000 * per_draw:.2f} ms to draw; a whole {steps}-step run draws {draws} distinct faces on "
           f"rank 0 (the rest are cache hits): {1000 * per_draw * draws / steps:.1f} ms of drawing per step on average")
+
+
+# Synthetic inputs and the stage-1 step, for bench.py's `compile` section and gpu_check.py
+
+def synthetic_batches(heads, mcfg, device, seed=0, identities=1000):
+    """{head: batch dict as the data loaders give it} of random tensors: n_t images of the head's input size and
+    targets of the right kind (landmarks in pixels, masks, ages, labels, attributes in {1, 0, -1}, identities)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for head, (n, _alpha) in heads.items():
+        spec, size = TASKS[head], mcfg.input_size(head)
+        b = {"image": torch.randn(n, 3, size, size, generator=g)}
+        if spec.type == "landmarks":
+            b["landmarks"] = torch.rand(n, spec.queries, 2, generator=g) * (size - 1)
+        elif spec.type == "parsing":
+            b["mask"] = torch.randint(0, spec.queries, (n, size, size), generator=g)
+        elif spec.type == "age":
+            b["age"] = torch.randint(0, spec.queries, (n,), generator=g).float()
+        elif spec.type == "expression":
+            b["expression"] = torch.randint(0, spec.queries, (n,), generator=g)
+        elif spec.type == "attributes":
+            b["attributes"] = torch.randint(-1, 2, (n, spec.queries), generator=g)
+        else:
+            b["identity"] = torch.randint(0, identities, (n,), generator=g)
+        out[head] = {k: v.to(device) for k, v in b.items()}
+    return out
+
+
+def training_setup(mcfg, heads, device, identities=1000):
+    """(model, train.MultiTaskStep, weights) for a stage-1 step of `mcfg` with the task heads `heads`."""
+    import losses
+    import train
+    model = Faceptor(mcfg).to(device).train()
+    cosface = torch.nn.ModuleDict({h: losses.CosFace(mcfg.embed_dim, identities) for h in heads
+                                   if TASKS[h].type == "recognition"}).to(device)
+    return model, train.MultiTaskStep(model, cosface), {h: a for h, (_n, a) in heads.items()}

@@ -36,7 +36,7 @@ PEAK = dict(mma_flops=790e12, exp_per_s=3.9e12, bytes_per_s=4.3e12)     # H200 b
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Timing and synthetic inputs (shared with bench.py's `compile` section)
+# Timing (synthetic inputs and the training step come from bench_train.py, shared with bench.py's sections)
 def timed(fn, reps, cuda):
     """Median ms of fn() over reps calls after 2 warm-ups; device events on CUDA, perf_counter on CPU."""
     import torch
@@ -56,42 +56,6 @@ def timed(fn, reps, cuda):
             fn()
             ts.append((time.perf_counter() - t) * 1e3)
     return statistics.median(ts)
-
-
-def synthetic_batches(heads, mcfg, device, seed=0, identities=1000):
-    """{head: batch dict as the data loaders give it} of random tensors: n_t images of the head's input size and
-    targets of the right kind (landmarks in pixels, masks, ages, labels, attributes in {1, 0, -1}, identities)."""
-    import torch
-    from model import TASKS
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for head, (n, _alpha) in heads.items():
-        spec, size = TASKS[head], mcfg.input_size(head)
-        b = {"image": torch.randn(n, 3, size, size, generator=g)}
-        if spec.type == "landmarks":
-            b["landmarks"] = torch.rand(n, spec.queries, 2, generator=g) * (size - 1)
-        elif spec.type == "parsing":
-            b["mask"] = torch.randint(0, spec.queries, (n, size, size), generator=g)
-        elif spec.type == "age":
-            b["age"] = torch.randint(0, spec.queries, (n,), generator=g).float()
-        elif spec.type == "expression":
-            b["expression"] = torch.randint(0, spec.queries, (n,), generator=g)
-        elif spec.type == "attributes":
-            b["attributes"] = torch.randint(-1, 2, (n, spec.queries), generator=g)
-        else:
-            b["identity"] = torch.randint(0, identities, (n,), generator=g)
-        out[head] = {k: v.to(device) for k, v in b.items()}
-    return out
-
-
-def training_setup(mcfg, heads, device, identities=1000):
-    """(model, train.MultiTaskStep, weights) for a stage-1 step of `mcfg` with the task heads `heads`."""
-    import losses
-    import train
-    from model import Faceptor
-    model = Faceptor(mcfg).to(device).train()
-    cosface = losses.CosFace(mcfg.embed_dim, identities).to(device) if "ms1mv3" in heads else None
-    return model, train.MultiTaskStep(model, cosface), {h: a for h, (_n, a) in heads.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -235,6 +199,7 @@ def step_predict(dry, reps):
 def step_train(dry, steps):
     """Stage-1 step of Faceptor-Base at the Table 2 Base batch, bf16 autocast, on fixed synthetic tensors."""
     import torch
+    from bench_train import synthetic_batches, training_setup
     import losses
     import train
     from model import FaceptorConfig

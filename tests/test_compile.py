@@ -14,7 +14,7 @@ import torch
 
 import ops
 import train
-from gpu_check import synthetic_batches, training_setup
+from bench_train import synthetic_batches, training_setup
 from model import Faceptor, FaceptorConfig
 from test_ops import assert_close_normwise
 from test_ops_attention import make_inputs
