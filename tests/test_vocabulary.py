@@ -119,7 +119,9 @@ def test_metric_and_benchmark_tables():
         assert name in TASKS and TASKS[name].type == "landmarks" and TASKS[name].queries == points, name
         assert default in units, name
     for table, name, split, kind, extra in evaluate.BENCHMARKS:
-        assert name in TASKS and TASKS[name].type == table, (table, name)
+        head = data.EVAL_HEAD.get(name, name)
+        assert head in TASKS and TASKS[head].type == table, (table, name)
+        assert kind in evaluate.KINDS, (name, kind)
         assert split in data.DATASETS[name][1], (name, split)
         assert kind != "nme" or name in metrics._NME_UNITS, f"{name}: no NME unit in metrics._NME_UNITS"
     assert _unknown(evaluate._TABLE_COLUMNS, TASK_TYPES + ("verification",)) == []
