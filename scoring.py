@@ -5,12 +5,15 @@ the metrics (metrics.py does the arithmetic). out: one head's outputs of model.p
 so that coords * S - 0.5 is the pixel, parsing "logits" [B, C, S, S], age "age", classes / attributes "logits");
 batch: the labels in the model's input frame, with the warp state (warp_matrix, warp_factor) when the evaluation
 transform warped the image; ctx: "name" (the dataset, for the NME unit), "size" (S, input pixels) and protocol
-options: "auc" (the NME threshold of AUC / FR), "unit" (the NME unit, default the dataset's) and "raw" (the untransformed dataset, whose masks LaPa's parsing is
-scored against at the original resolution; batch["index"] says which item each row is).
+options: "auc" (the NME threshold of AUC / FR), "unit" (the NME unit, default the dataset's) and "raw" (the
+untransformed dataset, whose masks LaPa's parsing is scored against at the original resolution; batch["index"] says
+which item each row is).
 
 Landmarks are scored in the original image: predictions, labels and the face box go back through the inverse of
 the evaluation warp. evaluate.py runs these for the benchmark protocols and for the synthetic split (there without a
-warp, and also on the outputs of constant baselines: baseline_outputs).
+warp, and also on the outputs of constant baselines: baseline_outputs). Kinds beyond the paper: pose (MAE per
+angle and mean, degrees), visibility (occlusion recall at 80 % precision), gender and race (accuracy). The table and
+progress helpers shared by evaluate.py and synthetic_eval.py are at the end.
 """
 from __future__ import annotations
 

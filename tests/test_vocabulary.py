@@ -2,7 +2,8 @@
 of `model.TASK_TYPES`, with the type, size and query count the task table gives them.
 
 Tables read (module attributes): model.TASKS / TASK_TYPES / BASE_TASKS / FULL_TASKS / NAIVE_HEAD_TYPES;
-data.DATASETS / SYNTHETIC_ONLY; data.conventions.TASK_TYPES / DENSE_TYPES / LANDMARK_FLIP / EXPRESSIONS; data.synthetic.TASK_FIELDS / SCHEMES and the maps of data.synthetic_labels;
+data.DATASETS / SYNTHETIC_ONLY; data.conventions.TASK_TYPES / DENSE_TYPES / LANDMARK_FLIP / EXPRESSIONS;
+data.synthetic.TASK_FIELDS / SCHEMES and the maps of data.synthetic_labels;
 losses.TASK_TYPES and the branches of losses.task_loss; metrics._NME_UNITS; evaluate.BENCHMARKS / _TABLE_COLUMNS;
 train.PRESETS / BASE_HEADS / FULL_HEADS / DEMO_HEADS / TRANSFER_BATCH; checkpoint.OFFICIAL_TASK_NAMES / NAIVE_HEADS /
 NAIVE_UNNAMED_CLASSIFIER / _TASK_ORDER; predict.CLASS_NAMES / ATTRIBUTE_NAMES. A last test scans every string
