@@ -356,7 +356,8 @@ class SyntheticFaces(torch.utils.data.Dataset):
         if head in labels.POINT_MAPS:
             pts = labels.map_points(item["landmarks"].double().numpy(), labels.POINT_MAPS[head])
             out["landmarks"] = torch.from_numpy(pts.astype(np.float32))
-            out["visible"] = torch.from_numpy(labels.visibility(pts, self.occluding_polygons(index)))
+            if "visible" in item:                       # the 68 points' flags were asked for: give the K points'
+                out["visible"] = torch.from_numpy(labels.visibility(pts, self.occluding_polygons(index)))
         elif head == "lapa":
             out["mask"] = torch.from_numpy(labels.map_classes(item["mask"].numpy()))
         elif head == "synth_attr":
