@@ -73,6 +73,8 @@ TASKS: Dict[str, TaskSpec] = {
     "utkface_race": TaskSpec("race", 5, 112),            # White, Black, Asian, Indian, Others
     "fairface_gender": TaskSpec("gender", 2, 112),
     "fairface_race": TaskSpec("race", 7, 112),           # FairFace's seven groups (data.conventions)
+    # A transfer-only attribute set of the built-in synthetic faces (data.synthetic_labels.SYNTH_ATTRIBUTES).
+    "synth_attr": TaskSpec("attributes", 11, 112),
 }
 TASK_TYPES = ("landmarks", "parsing", "age", "expression", "attributes", "recognition",
               "pose", "visibility", "gender", "race")

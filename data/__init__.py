@@ -11,7 +11,8 @@ normalisation and augmentations: docs/design.md sections 1, 2, 7, 8):
   recordio.py        RecordIO without mxnet, verification .bin reader
   transforms.py      FaRL-style dense warps with inverse, 112-px pipeline
   composer.py        InfiniteSampler, MultiTaskComposer, normalisation
-  synthetic.py       SyntheticFaces (with synthetic_draw.py)
+  synthetic.py       SyntheticFaces (with synthetic_draw.py; labels beyond the paper and the transfer schemes
+                     aflw19 / cofw / lapa / synth_attr in synthetic_labels.py)
   conventions.py     class orders, flip permutations, expression remaps, attribute names
 
 Usage:
@@ -28,7 +29,8 @@ from .loaders_global import AffectNet, CelebA, FERPlus, LFW73, MS1MV3, Morph2, R
 from .loaders_extra import COFWVisibility, FairFace, UTKFaceDemographics  # noqa: F401
 from .loaders_pose import AFLW2000, PoseTransform, W300LP, flip_pose, nose_direction, pose_rotation  # noqa: F401
 from .recordio import RecordIOReader, read_verification_bin  # noqa: F401
-from .synthetic import SyntheticFaces  # noqa: F401
+from .synthetic import SCHEMES as SYNTHETIC_SCHEMES, SyntheticFaces  # noqa: F401
+from .synthetic_labels import SYNTH_ATTRIBUTES  # noqa: F401
 from .transforms import DenseTransform, GlobalTransform, Warp, flip_item, rand_augment, random_erasing  # noqa: F401
 
 # task head (a key of model.TASKS) -> (loader, splits, task type)
@@ -59,6 +61,8 @@ DATASETS = {
 }
 # test sets read by a task head of another name: dataset -> head (model.TASKS key)
 EVAL_HEAD = {"aflw2000": "300wlp"}
+# task heads whose only data are the built-in synthetic faces (a transfer scheme with no real dataset)
+SYNTHETIC_ONLY = ("synth_attr",)
 
 
 def build_dataset(name: str, root: str, split: str, transform=None, **kwargs):

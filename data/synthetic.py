@@ -6,7 +6,10 @@ at any size (48 ... 512 px). Each item carries every label in the conventions of
   image uint8 [3,S,S]; landmarks float32 [68,2] (300W layout, 0-based pixels, exactly on the drawn features);
   mask int64 [S,S] (19 CelebAMask-HQ classes, FaRL order, conventions.CELEBAMASK_CLASSES); age float in [0,100];
   expression int in AffectNet order (conventions.EXPRESSIONS); attributes int64 [40] (CelebA order, 1/0);
-  identity int.
+  identity int; beyond the paper (synthetic_labels.py): pose float32 [3] (yaw, pitch, roll degrees), visible int64
+  [68] (1 / 0), gender int (0 male, 1 female), race int (skin-tone band 0..4).
+With `head` set to a transfer scheme (synthetic_labels: aflw19, cofw, cofw_visibility, lapa, synth_attr) the
+landmarks, visibility, mask or attributes come in that head's scheme instead.
 Identities: `n_identities` per split; identity = persistent geometry and appearance (face shape, eye spacing and
 size, brows, nose, mouth, lips, skin tone, eye colour, hair style and colour, sex, glasses habit, beard, make-up
 habit, base age). Item index i shows identity i % n_identities. The train and test pools are drawn from different
@@ -33,14 +36,19 @@ import math
 import numpy as np
 import torch
 
-from .conventions import ATTR, EXPRESSIONS, TASK_TYPES
+from . import synthetic_labels as labels
+from .conventions import ATTR, EXPRESSIONS
 from .synthetic_draw import render
 
 SPLITS = {"train": 0, "test": 1}
 HAIR_COLOURS = {"black": (28, 24, 22), "brown": (105, 64, 36), "blond": (228, 192, 122), "red": (168, 72, 36)}
 IRIS = ((70, 45, 25), (40, 90, 150), (60, 120, 70), (110, 80, 40), (90, 90, 100))
 TASK_FIELDS = {"landmarks": ("landmarks",), "parsing": ("mask",), "age": ("age",), "expression": ("expression",),
-               "attributes": ("attributes",), "recognition": ("identity",)}
+               "attributes": ("attributes",), "recognition": ("identity",), "pose": ("pose",),
+               "visibility": ("visible",), "gender": ("gender",), "race": ("race",)}
+# transfer scheme -> the task type whose label it changes
+SCHEMES = {"aflw19": "landmarks", "cofw": "landmarks", "cofw_visibility": "visibility", "lapa": "parsing",
+           "synth_attr": "attributes"}
 # (mouth_open, corner_lift, mouth_width_x, lip_press, asym, brow_raise, brow_inner, brow_pull, eye_open, teeth)
 EXPRESSION_SHAPES = {
     "neutral": (0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, False),
@@ -261,7 +269,9 @@ _CACHE = {}
 class SyntheticFaces(torch.utils.data.Dataset):
     """Procedurally drawn faces with all labels; see the module docstring.
 
-    task: None (all labels) or one task type of conventions.TASK_TYPES (image + that type's label only).
+    task: None (all labels) or one task type of TASK_FIELDS (image + that type's label only).
+    head: None (the drawn schemes: 68 points, 19 classes, CelebA's 40 attributes) or a transfer scheme of SCHEMES
+        (a task head name), whose labels replace the drawn ones of its task type.
     transform: optional callable(item, generator) -> item, used by `get(index, seed)` (the composer's path).
     cache: keep rendered items in memory (process-wide, shared by views of the same split and size).
     framing: "loose" (default; pose, position and size vary widely) or "aligned" (a larger, centred face, like the
@@ -270,11 +280,14 @@ class SyntheticFaces(torch.utils.data.Dataset):
 
     def __init__(self, split: str = "train", size: int = 112, length: int = None, seed: int = 0,
                  n_identities: int = 1000, task: str = None, transform=None, occlusion: float = 0.25,
-                 clutter: bool = True, cache: bool = False, framing: str = "loose"):
+                 clutter: bool = True, cache: bool = False, framing: str = "loose", head: str = None):
         if split not in SPLITS:
             raise ValueError(f"SyntheticFaces split must be one of {tuple(SPLITS)}, got {split!r}")
-        if task is not None and task not in TASK_TYPES:
-            raise ValueError(f"SyntheticFaces task must be None or one of {TASK_TYPES}, got {task!r}")
+        if task is not None and task not in TASK_FIELDS:
+            raise ValueError(f"SyntheticFaces task must be None or one of {tuple(TASK_FIELDS)}, got {task!r}")
+        if head is not None and (head not in SCHEMES or task not in (None, SCHEMES[head])):
+            raise ValueError(f"SyntheticFaces head must be None or a transfer scheme of {SCHEMES} (head: task type), "
+                             f"got head {head!r} with task {task!r}")
         if size < 16:
             raise ValueError(f"SyntheticFaces size must be >= 16 pixels, got {size}")
         self.split, self.size, self.seed, self.task = split, int(size), int(seed), task
@@ -284,7 +297,7 @@ class SyntheticFaces(torch.utils.data.Dataset):
         self.cache = bool(cache)
         if framing not in FRAMING:
             raise ValueError(f"SyntheticFaces framing must be one of {tuple(FRAMING)}, got {framing!r}")
-        self.framing = framing
+        self.framing, self.head = framing, head
         self.task_type = task or "attributes"
         self._ids = {}
 
@@ -317,14 +330,41 @@ class SyntheticFaces(torch.utils.data.Dataset):
                     "landmarks": torch.from_numpy(lm.astype(np.float32)),
                     "mask": torch.from_numpy(mask.astype(np.uint8)),
                     "age": float(p["age"]), "expression": int(p["expression"]),
-                    "attributes": torch.from_numpy(attributes_of(p)), "identity": self.identity_of(index)}
+                    "attributes": torch.from_numpy(attributes_of(p)), "identity": self.identity_of(index),
+                    "pose": torch.from_numpy(labels.pose_of(p).astype(np.float32)),
+                    "gender": labels.gender_of(p), "race": labels.race_of(p)}
             if self.cache:
                 _CACHE[key] = item
         item = dict(item, image=item["image"].clone(), landmarks=item["landmarks"].clone(),
-                    mask=item["mask"].long(), attributes=item["attributes"].clone())
+                    mask=item["mask"].long(), attributes=item["attributes"].clone(), pose=item["pose"].clone())
+        if self.task in (None, "visibility"):         # only when asked for: the occluding shapes cost a re-trace
+            item["visible"] = torch.from_numpy(labels.visibility(item["landmarks"].double().numpy(),
+                                                                 self.occluding_polygons(index)))
+        if self.head is not None:
+            item = self.relabel(item, index, self.head)
         if self.task is not None:
             item = {k: item[k] for k in ("image",) + TASK_FIELDS[self.task]}
         return item
+
+    def occluding_polygons(self, index: int) -> list:
+        """Pixel polygons of the shapes drawn over the features of face `index` (synthetic_labels)."""
+        return labels.occluding_polygons(self.params(index)[0], self.size)
+
+    def relabel(self, item: dict, index: int, head: str) -> dict:
+        """`item` (face `index` of this dataset, drawn labels) with the labels of transfer scheme `head`."""
+        out = dict(item)
+        if head in labels.POINT_MAPS:
+            pts = labels.map_points(item["landmarks"].double().numpy(), labels.POINT_MAPS[head])
+            out["landmarks"] = torch.from_numpy(pts.astype(np.float32))
+            if "visible" in item:                       # the 68 points' flags were asked for: give the K points'
+                out["visible"] = torch.from_numpy(labels.visibility(pts, self.occluding_polygons(index)))
+        elif head == "lapa":
+            out["mask"] = torch.from_numpy(labels.map_classes(item["mask"].numpy()))
+        elif head == "synth_attr":
+            out["attributes"] = torch.from_numpy(labels.synth_attributes_of(self.params(index)[0]))
+        else:
+            raise ValueError(f"relabel: unknown transfer scheme {head!r}; expected one of {tuple(SCHEMES)}")
+        return out
 
     def get(self, index: int, seed: int) -> dict:
         item = self[index]

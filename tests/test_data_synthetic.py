@@ -139,11 +139,12 @@ def test_verification_pairs():
 
 def test_task_views():
     for task, field in (("landmarks", "landmarks"), ("parsing", "mask"), ("age", "age"),
-                        ("expression", "expression"), ("attributes", "attributes"), ("recognition", "identity")):
+                        ("expression", "expression"), ("attributes", "attributes"), ("recognition", "identity"),
+                        ("pose", "pose"), ("visibility", "visible"), ("gender", "gender"), ("race", "race")):
         ds = SyntheticFaces("train", size=48, length=10, task=task)
         assert set(ds[0]) == {"image", field} and ds.task_type == task
     with pytest.raises(ValueError, match="task"):
-        SyntheticFaces(task="pose")
+        SyntheticFaces(task="head_pose")
 
 
 def test_cache_gives_the_same_items_and_is_shared_by_views():

@@ -2,7 +2,8 @@
 of `model.TASK_TYPES`, with the type, size and query count the task table gives them.
 
 Tables read (module attributes): model.TASKS / TASK_TYPES / BASE_TASKS / FULL_TASKS / NAIVE_HEAD_TYPES;
-data.DATASETS; data.conventions.TASK_TYPES / DENSE_TYPES / LANDMARK_FLIP / EXPRESSIONS; data.synthetic.TASK_FIELDS;
+data.DATASETS / SYNTHETIC_ONLY; data.conventions.TASK_TYPES / DENSE_TYPES / LANDMARK_FLIP / EXPRESSIONS;
+data.synthetic.TASK_FIELDS / SCHEMES and the maps of data.synthetic_labels;
 losses.TASK_TYPES and the branches of losses.task_loss; metrics._NME_UNITS; evaluate.BENCHMARKS / _TABLE_COLUMNS;
 train.PRESETS / BASE_HEADS / FULL_HEADS / DEMO_HEADS / TRANSFER_BATCH; checkpoint.OFFICIAL_TASK_NAMES / NAIVE_HEADS /
 NAIVE_UNNAMED_CLASSIFIER / _TASK_ORDER; predict.CLASS_NAMES / ATTRIBUTE_NAMES. A last test scans every string
@@ -56,7 +57,9 @@ def test_dataset_table_matches_task_table():
     # a dataset is named as the head that trains on it, or is an evaluation-only set mapped to one (data.EVAL_HEAD)
     assert _unknown(data.DATASETS, set(TASKS) | set(data.EVAL_HEAD)) == []
     assert _unknown(data.EVAL_HEAD.values(), TASKS) == []
-    assert _unknown(TASKS, data.DATASETS) == [], "every task head needs a loader for its real dataset"
+    assert _unknown(TASKS, set(data.DATASETS) | set(data.SYNTHETIC_ONLY)) == [], \
+        "every task head needs a loader for its real dataset, or is a synthetic-only transfer scheme"
+    assert _unknown(data.SYNTHETIC_ONLY, TASKS) == [] and not set(data.SYNTHETIC_ONLY) & set(data.DATASETS)
     for name, (loader, splits, kind) in data.DATASETS.items():
         assert kind == TASKS[data.EVAL_HEAD.get(name, name)].type and kind in TASK_TYPES, name
         assert kind in getattr(loader, "task_types", (loader.task_type,)), f"{loader.__name__}.task_type"
@@ -70,7 +73,21 @@ def test_data_conventions_use_the_model_types():
         assert conventions.input_group(s.type) == ("dense" if t in DENSE else "global"), t
     assert set(conventions.LANDMARK_FLIP) <= {TASKS[t].queries for t in of_type("landmarks")}
     assert all(len(conventions.EXPRESSIONS) == TASKS[t].queries for t in of_type("expression"))
-    assert set(conventions.TASK_TYPES) <= set(synthetic.TASK_FIELDS) <= set(TASK_TYPES)
+    assert set(synthetic.TASK_FIELDS) == set(TASK_TYPES), "the synthetic faces label every task type"
+
+
+def test_synthetic_transfer_schemes_fit_their_heads():
+    from data import synthetic_labels as sl
+    assert set(data.SYNTHETIC_ONLY) <= set(synthetic.SCHEMES)
+    for head, kind in synthetic.SCHEMES.items():
+        assert head in TASKS and TASKS[head].type == kind, head
+    for head, point_map in sl.POINT_MAPS.items():
+        assert len(point_map) == TASKS[head].queries, head
+        assert all(0 <= i < 68 for idx in point_map for i in idx), head
+    assert len(sl.LAPA_FROM_CELEBAMASK) == len(conventions.CELEBAMASK_CLASSES) == TASKS["celebamask_hq"].queries
+    assert set(sl.LAPA_FROM_CELEBAMASK) == set(range(TASKS["lapa"].queries)), "every LaPa class is drawn"
+    assert len(sl.SYNTH_ATTRIBUTES) == TASKS["synth_attr"].queries
+    assert not set(sl.SYNTH_ATTRIBUTES) & set(conventions.CELEBA_ATTRIBUTES), "a new attribute set"
 
 
 # ------------------------------------------------------------------------------------------------ losses.py
@@ -104,7 +121,9 @@ def test_metric_and_benchmark_tables():
         assert name in TASKS and TASKS[name].type == "landmarks" and TASKS[name].queries == points, name
         assert default in units, name
     for table, name, split, kind, extra in evaluate.BENCHMARKS:
-        assert name in TASKS and TASKS[name].type == table, (table, name)
+        head = data.EVAL_HEAD.get(name, name)
+        assert head in TASKS and TASKS[head].type == table, (table, name)
+        assert kind in evaluate.KINDS, (name, kind)
         assert split in data.DATASETS[name][1], (name, split)
         assert kind != "nme" or name in metrics._NME_UNITS, f"{name}: no NME unit in metrics._NME_UNITS"
     assert _unknown(evaluate._TABLE_COLUMNS, TASK_TYPES + ("verification",)) == []
