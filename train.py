@@ -63,6 +63,7 @@ import losses
 from train_run import DebugHooks, Progress, Run, _plain, cosface_weights, report_nonfinite, restore, save
 from checkpoint import CheckpointError, checkpoints, load_checkpoint, load_farl, load_official, resolve_checkpoint
 from data.composer import MultiTaskComposer
+from data.synthetic import SCHEMES as SYNTHETIC_SCHEMES
 from model import TASKS, Faceptor, FaceptorConfig, build_model, init_stage2, stage2_parameters
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -138,6 +139,13 @@ PRESETS = {
                                  **DEMO, "synthetic_train_length": 40000,
                                  "arch_overrides": {**DEMO_ARCH, "size_512": 96},
                                  "heads": {**DEMO_HEADS, "celebamask_hq": [16, 30.0]}}),
+    # demo-plus [ours]: the demo recipe with the task types beyond the paper (pose, landmark visibility on COFW's
+    # 29 points, gender, race) trained beside the paper's six.
+    "demo-plus": TrainConfig(preset="demo-plus", steps=700, warmup=35, stage2_steps=500, stage2_warmup=25,
+                             ckpt_every=100, **{**DEMO, "heads": {**DEMO_HEADS, "300wlp": [16, 2.0],
+                                                                  "cofw_visibility": [16, 5.0],
+                                                                  "utkface_gender": [16, 1.0],
+                                                                  "utkface_race": [16, 1.0]}}),
     "faceptor-base": TrainConfig(preset="faceptor-base", heads=BASE_HEADS, **PAPER),
     "faceptor-full": TrainConfig(preset="faceptor-full", heads=FULL_HEADS, **{**PAPER, "arch": "full"}),
     # Naive Faceptor: Base datasets and batch sizes, every weight 1.0 (Sec. 4.1).
@@ -151,7 +159,10 @@ PRESETS = {
         "ms1mv3": [64, 1.0]}, **PAPER),
 }
 # Cross-dataset transfer (Table 9, appendix B.3): batch sizes of the new heads; 20,000 steps, 2,000 warm-up.
-TRANSFER_BATCH = {"aflw19": 8, "lapa": 8, "lfw73": 32}
+TRANSFER_BATCH = {"aflw19": 8, "lapa": 8, "lfw73": 32, "cofw": 8, "synth_attr": 32}
+# The same on the demo presets' synthetic faces [ours]: their transfer label schemes (data.SYNTHETIC_SCHEMES: 19 and
+# 29 points, LaPa's 11 classes, 11 new attributes), a short schedule that fits a CPU.
+DEMO_TRANSFER = dict(steps=300, warmup=15)
 
 # Stage-1 wall-clock of the demo presets on the reference machine (2 CPU cores, 2 processes; README's results).
 # A run that measures less than half this speed says so at its first progress line.
@@ -203,7 +214,8 @@ def synthetic_dataset(head: str, cfg: TrainConfig, mcfg: FaceptorConfig, split: 
     framing = cfg.synthetic_framing_112 if TASKS[head].size == 112 else "loose"
     return SyntheticFaces(split=split, size=mcfg.input_size(head), length=length or cfg.synthetic_train_length,
                           seed=cfg.synthetic_seed, n_identities=identities or cfg.synthetic_identities,
-                          task=TASKS[head].type, framing=framing, cache=cfg.synthetic_cache)
+                          task=TASKS[head].type, framing=framing, cache=cfg.synthetic_cache,
+                          head=head if head in SYNTHETIC_SCHEMES else None)       # transfer label schemes (19 points, ...)
 
 
 def real_dataset(head: str, root: str, mcfg: FaceptorConfig, split: str = "train"):
@@ -392,13 +404,16 @@ def resolve_config(args) -> TrainConfig:
     if args.tune:
         if args.dataset not in TRANSFER_BATCH:
             raise SystemExit(f"--tune needs --dataset, one of {sorted(TRANSFER_BATCH)}; got {args.dataset!r}")
-        cfg.steps = args.max_steps if args.max_steps is not None else 20000
-        cfg.warmup = args.warmup if args.warmup is not None else 2000
+        synthetic = cfg.data == "synthetic" and not args.data_root
+        length = DEMO_TRANSFER if synthetic else dict(steps=20000, warmup=2000)
+        cfg.steps = args.max_steps if args.max_steps is not None else length["steps"]
+        cfg.warmup = args.warmup if args.warmup is not None else length["warmup"]
         cfg.heads = {args.dataset: [TRANSFER_BATCH[args.dataset], 1.0]}
-        if cfg.data == "synthetic":         # synthetic faces have 68 landmarks, 19 parsing classes, 40 attributes
-            if not args.data_root:
-                raise SystemExit(f"--tune --dataset {args.dataset} on preset {cfg.preset!r}: pass --data-root with a "
-                                 f"{args.dataset}/ folder (the synthetic faces have no {args.dataset} labels)")
+        if synthetic and args.dataset not in SYNTHETIC_SCHEMES:
+            raise SystemExit(f"--tune --dataset {args.dataset} on preset {cfg.preset!r}: the synthetic faces have no "
+                             f"{args.dataset} labels (they have {sorted(SYNTHETIC_SCHEMES)}); pass --data-root with a "
+                             f"{args.dataset}/ folder")
+        if cfg.data == "synthetic" and args.data_root:
             cfg.data = "real"
     if args.batch_scale:
         for v in cfg.heads.values():

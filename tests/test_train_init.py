@@ -210,7 +210,17 @@ def test_tune_end_to_end_trains_only_its_part(stage1, tune):
     assert TASKS["aflw19"].type == "landmarks"
 
 
-def test_tune_on_synthetic_preset_needs_data_root(stage1):
-    proc = run_train(["--tune", "prompt", "--dataset", "aflw19", "--from", str(stage1 / "s1"), "--max-steps", "1",
+def test_tune_on_synthetic_preset_uses_the_synthetic_transfer_sets(stage1):
+    """Without --data-root, a demo checkpoint transfers to the synthetic faces' 19-point scheme (prompt tuning:
+    only the new queries change); a dataset the synthetic faces cannot label is refused, naming --data-root."""
+    out = stage1 / "synthetic-prompt"
+    proc = run_train(["--tune", "prompt", "--dataset", "aflw19", "--from", str(stage1 / "s1"), "--max-steps", "2",
+                      "--warmup", "0", "--out-dir", str(out)] + QUICK)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    before, after = step0(str(stage1 / "s1"))["model"], step0(str(out))
+    assert after["config"]["data"] == "synthetic" and after["model_config"]["tasks"][-1] == "aflw19"
+    assert not any(k in before and not torch.equal(before[k], after["model"][k]) for k in after["model"])
+    assert after["model"]["queries.aflw19.content"].shape[0] == TASKS["aflw19"].queries == 19
+    proc = run_train(["--tune", "prompt", "--dataset", "lfw73", "--from", str(stage1 / "s1"), "--max-steps", "1",
                       "--out-dir", str(stage1 / "x")] + QUICK)
-    assert proc.returncode != 0 and "--data-root" in proc.stderr and "aflw19" in proc.stderr
+    assert proc.returncode != 0 and "--data-root" in proc.stderr and "lfw73" in proc.stderr
