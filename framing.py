@@ -59,12 +59,15 @@ FRAMINGS = {
     "arcface": (112, "MS1MV3: ArcFace 112-px template"),
     "celeba": (112, "CelebA: img_align_celeba 178x218 template, resized to 112x112"),
     "aligned_112": (112, "MORPH II, UTKFace, RAF-DB, LFW-73: eye-aligned crops, ArcFace template"),
-    "box_112": (112, "AffectNet, FER+: square face box resized to 112"),
+    "box_112": (112, "AffectNet, FER+, 300W-LP, FairFace: square face box resized to 112"),
 }
 REAL_FRAMING = {"300w": "landmark_box", "wflw": "landmark_box", "cofw": "landmark_box", "aflw19": "aflw_box",
                 "celebamask_hq": "celebahq", "lapa": "lapa", "ms1mv3": "arcface", "celeba": "celeba",
                 "morph2": "aligned_112", "utkface": "aligned_112", "rafdb": "aligned_112", "lfw73": "aligned_112",
-                "affectnet": "box_112", "ferplus": "box_112"}
+                "affectnet": "box_112", "ferplus": "box_112",
+                # heads beyond the paper: as the datasets they read (COFW, UTKFace) or their crops around the box
+                "cofw_visibility": "landmark_box", "utkface_gender": "aligned_112", "utkface_race": "aligned_112",
+                "300wlp": "box_112", "fairface_gender": "box_112", "fairface_race": "box_112"}
 
 
 class FaceGeometry(NamedTuple):

@@ -13,7 +13,8 @@ from typing import List, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
-from data.conventions import CELEBA_ATTRIBUTES, EXPRESSIONS
+from data.conventions import CELEBA_ATTRIBUTES, EXPRESSIONS, FAIRFACE_RACES, GENDERS, UTKFACE_RACES
+from data.synthetic_labels import SYNTH_ATTRIBUTES
 from model import TASKS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
@@ -26,16 +27,23 @@ CELEBAMASK_NAMES = ("background", "neck", "skin", "cloth", "right_ear", "left_ea
 LAPA_NAMES = ("background", "skin", "left_eyebrow", "right_eyebrow", "left_eye", "right_eye", "nose", "upper_lip",
               "inner_mouth", "lower_lip", "hair")
 CLASS_NAMES = {"celebamask_hq": CELEBAMASK_NAMES, "lapa": LAPA_NAMES}
-ATTRIBUTE_NAMES = {"celeba": tuple(a.lower() for a in CELEBA_ATTRIBUTES)}
+ATTRIBUTE_NAMES = {"celeba": tuple(a.lower() for a in CELEBA_ATTRIBUTES),
+                   "synth_attr": tuple(a.lower() for a in SYNTH_ATTRIBUTES)}
+# Classification heads beyond the paper: gender and race, in their datasets' label order.
+LABEL_NAMES = {"utkface_gender": GENDERS, "fairface_gender": GENDERS,
+               "utkface_race": tuple(r.lower() for r in UTKFACE_RACES),
+               "fairface_race": tuple(r.lower().replace(" ", "_") for r in FAIRFACE_RACES)}
 
 
 def class_names(task: str) -> Tuple[str, ...]:
-    """Output names of a head's classes (parsing classes, expressions or attributes)."""
+    """Output names of a head's classes (parsing classes, expressions, genders, races or attributes)."""
     kind = TASKS[task].type
     if kind == "parsing":
         return CLASS_NAMES[task]
     if kind == "expression":
         return EXPRESSIONS
+    if kind in ("gender", "race"):
+        return LABEL_NAMES[task]
     if kind == "attributes":
         return ATTRIBUTE_NAMES.get(task, tuple(f"attribute_{i}" for i in range(TASKS[task].queries)))
     raise ValueError(f"head {task!r} ({kind}) has no class names")

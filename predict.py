@@ -138,13 +138,17 @@ def decode(task: str, out: dict, i: int, warp: Warp, S: int) -> dict:
         return {"areas": {n: round(float(a), 4) for n, a in zip(names, area)}}
     if kind == "age":
         return {"age": round(float(out["age"][i]), 2)}
-    if kind == "expression":
+    if kind in ("expression", "gender", "race"):
         p = torch.softmax(out["logits"][i].float(), 0).cpu().numpy()
         names = photo_io.class_names(task)
         return {"label": names[int(p.argmax())], "probs": {n: round(float(v), 4) for n, v in zip(names, p)}}
     if kind == "attributes":
         p = torch.sigmoid(out["logits"][i].float()).cpu().numpy()
         return {"probs": {n: round(float(v), 4) for n, v in zip(photo_io.class_names(task), p)}}
+    if kind == "pose":                               # degrees; convention in data/conventions.py (README "Outputs")
+        return {n: round(float(v), 2) for n, v in zip(("yaw", "pitch", "roll"), out["pose"][i].tolist())}
+    if kind == "visibility":                         # per point of the head's scheme: probability it is occluded
+        return {"occluded": [round(float(v), 4) for v in out["occluded"][i].tolist()]}
     return {}                                                                      # recognition: see run_batch
 
 

@@ -240,3 +240,28 @@ def test_no_detect_gives_the_whole_image_to_every_head(tmp_path):
     with open(tmp_path / "o" / "predictions.jsonl") as f:
         (row,) = [json.loads(line) for line in f]
     assert row["points5"] is None and row["score"] is None and row["box"] == [-0.5, -0.5, 63.5, 63.5]
+
+
+def test_heads_beyond_the_paper_are_reported_by_name():
+    """Pose in degrees (yaw, pitch, roll), per-point occlusion probabilities, gender and race with their datasets'
+    class names, synthetic attributes by name: from a model that has those heads, through predict.decode."""
+    tasks = ("300wlp", "cofw_visibility", "utkface_gender", "fairface_race", "synth_attr")
+    torch.manual_seed(0)
+    model = Faceptor(FaceptorConfig.tiny(tasks=tasks)).eval()
+    with torch.no_grad():
+        out = model.predict(images_512=torch.randn(2, 3, model.cfg.size_512, model.cfg.size_512),
+                            images_112=torch.randn(2, 3, model.cfg.size_112, model.cfg.size_112))
+    warp = framing.Warp(np.eye(3), 112)
+    pose = predict.decode("300wlp", out["300wlp"], 1, warp, 112)
+    assert list(pose) == ["yaw", "pitch", "roll"]
+    assert np.allclose([pose[k] for k in pose], out["300wlp"]["pose"][1].numpy(), atol=0.005)
+    vis = predict.decode("cofw_visibility", out["cofw_visibility"], 0, warp, 512)["occluded"]
+    assert len(vis) == 29 and np.allclose(vis, torch.sigmoid(out["cofw_visibility"]["logits"][0]).numpy(), atol=1e-4)
+    gender = predict.decode("utkface_gender", out["utkface_gender"], 0, warp, 112)
+    assert list(gender["probs"]) == ["male", "female"] and abs(sum(gender["probs"].values()) - 1) < 1e-3
+    assert gender["label"] == ["male", "female"][int(out["utkface_gender"]["logits"][0].argmax())]
+    race = predict.decode("fairface_race", out["fairface_race"], 0, warp, 112)
+    assert list(race["probs"]) == ["white", "black", "latino_hispanic", "east_asian", "southeast_asian", "indian",
+                                   "middle_eastern"]
+    attrs = predict.decode("synth_attr", out["synth_attr"], 0, warp, 112)["probs"]
+    assert len(attrs) == 11 and "sunglasses" in attrs
