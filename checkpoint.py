@@ -37,8 +37,6 @@ OFFICIAL_TASK_NAMES = {
 NAIVE_HEADS = {"recog": "recognition", "age": "age", "biattr": "attributes", "affect": "expression",
                "parsing": "parsing", "align": "landmarks"}
 NAIVE_UNNAMED_CLASSIFIER = {"parsing": "celebamask_hq", "align": "300w"}
-_TASK_ORDER = ("300w", "wflw", "cofw", "aflw19", "celebamask_hq", "lapa", "morph2", "utkface", "affectnet",
-               "rafdb", "ferplus", "celeba", "lfw73", "ms1mv3")
 
 
 def _load(path_or_sd, what: str) -> dict:
@@ -149,7 +147,7 @@ def convert_official_state_dict(sd, levels: int = 6) -> Tuple[Dict[str, torch.Te
     if left:
         raise ValueError(f"convert_official_state_dict: {len(left)} source tensor(s) have no place in this "
                          f"layout: {left[:30]}")
-    extras["tasks"] = tuple(t for t in _TASK_ORDER if t in tasks)
+    extras["tasks"] = tuple(t for t in TASKS if t in tasks)                  # in the task table's order
     return out, extras
 
 

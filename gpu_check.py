@@ -1,7 +1,7 @@
 """The GPU check: one command that builds the CUDA extension, runs the GPU tests and measures the GPU path.
 
-    python gpu_check.py --out gpu_results              # on a CUDA machine (one H200: about 7 minutes)
-    python gpu_check.py --out /tmp/dry --dry-run       # the same code at tiny sizes on CPU (tests run this)
+    python gpu_check.py --out gpu_results              # on a CUDA machine (budget: 8 minutes on one H200; not yet run)
+    python gpu_check.py --out OUT --dry-run            # the same code at tiny sizes on CPU (tests run this)
 
 Steps, each recorded in DIR/gpu_check.json (an error in one step is recorded and the next step still runs):
   1. environment: torch, triton, CUDA, device and capability; Triton must not be interpreted on a GPU;
