@@ -61,3 +61,19 @@ def test_cosface_weights_old_and_named_layouts():
     assert train_run.cosface_weights({"ms1mv3": {"weight": w}}, ["ms1mv3"]) == {"ms1mv3": w}
     assert train_run.cosface_weights(None, ["ms1mv3"]) == {}
     assert train_run.cosface_weights({"weight": w}, ["300w"]) == {}
+
+
+def test_resolve_checkpoint_takes_a_file_or_the_newest_of_a_run_folder(tmp_path):
+    import checkpoint
+    for name in ("stage1_step0000200.pt", "stage1_step0001000.pt", "stage2_step0000050.pt", "stage2_step0000300.pt"):
+        (tmp_path / name).write_bytes(b"")
+    folder = str(tmp_path)
+    assert checkpoint.resolve_checkpoint(folder) == str(tmp_path / "stage2_step0000300.pt")   # highest stage, newest
+    assert checkpoint.resolve_checkpoint(folder, stage=1) == str(tmp_path / "stage1_step0001000.pt")  # by step number
+    one = str(tmp_path / "stage1_step0000200.pt")
+    assert checkpoint.resolve_checkpoint(one) == one
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(checkpoint.CheckpointError, match="no stage"):
+        checkpoint.resolve_checkpoint(str(tmp_path / "empty"))
+    with pytest.raises(checkpoint.CheckpointError, match="no such file or folder"):
+        checkpoint.resolve_checkpoint(str(tmp_path / "missing"))
