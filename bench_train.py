@@ -65,7 +65,7 @@ def _train_setup(cfg, rank, world):
     train.init_readout(model, cfg.readout_offset)
     datasets = {h: train.synthetic_dataset(h, cfg, mcfg) for h in cfg.heads}
     composer = MultiTaskComposer([(h, datasets[h], int(v[0])) for h, v in cfg.heads.items()], seed=cfg.seed,
-                                 rank=rank, world_size=world)
+                                 rank=rank, world_size=world, fixed_partition=train.cached_synthetic(cfg))
     cosface = losses.CosFace(mcfg.embed_dim, cfg.synthetic_identities)
     unused = ("encoder.ln_post.", "encoder.proj")
     params = [p for n, p in model.named_parameters() if not n.startswith(unused)] + list(cosface.parameters())

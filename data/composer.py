@@ -3,7 +3,10 @@
 - `InfiniteSampler`: per-dataset endless index batches, a pure function of (seed, epoch): each epoch is one
   permutation of the dataset, split into `world_size` disjoint contiguous slices (rank r takes slice r; the
   remainder of `length / world_size` is left out of that epoch). Batches run across epoch boundaries, so every
-  batch is full. `state_dict()` holds the exact position.
+  batch is full. `state_dict()` holds the exact position. With a `partition_seed`, rank r's items are fixed
+  instead: slice r of one permutation drawn from that seed, re-ordered every epoch. Samplers given the same
+  partition seed split a dataset the same way, so the heads of one rank share its items (with the synthetic faces'
+  cache, each rank then draws only its share of the faces instead of nearly all of them).
 - `MultiTaskComposer`: one batch per (head, dataset, n_t) entry per step, collated into normalised float images
   and stacked labels. Augmentation randomness never comes from global RNG state: item i of a batch is fetched
   with the seed `item_seed(seed, entry, epoch, position)` (position in that epoch's permutation), and datasets
@@ -40,7 +43,7 @@ class InfiniteSampler:
     """Endless batches of dataset indices for one rank; deterministic from (seed, rank)."""
 
     def __init__(self, length: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True):
+                 shuffle: bool = True, partition_seed: int | None = None):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank must lie in [0, world_size); got rank={rank}, world_size={world_size}")
         if length < world_size:
@@ -50,19 +53,26 @@ class InfiniteSampler:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.length, self.batch_size, self.seed = int(length), int(batch_size), int(seed)
         self.rank, self.world_size, self.shuffle = int(rank), int(world_size), bool(shuffle)
+        self.partition_seed = None if partition_seed is None else int(partition_seed)
         self.per_rank = self.length // self.world_size
+        self._part = None
+        if self.partition_seed is not None:                 # this rank's fixed items
+            g = torch.Generator().manual_seed(self.partition_seed)
+            start = self.rank * self.per_rank
+            self._part = torch.randperm(self.length, generator=g)[start:start + self.per_rank]
         self.epoch, self.offset = 0, 0
         self._order_epoch, self._order = -1, None
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         if epoch != self._order_epoch:
-            if self.shuffle:
-                g = torch.Generator().manual_seed(item_seed(self.seed, epoch))
-                perm = torch.randperm(self.length, generator=g)
+            g = torch.Generator().manual_seed(item_seed(self.seed, epoch))
+            if self._part is not None:
+                order = self._part[torch.randperm(self.per_rank, generator=g)] if self.shuffle else self._part
             else:
-                perm = torch.arange(self.length)
-            start = self.rank * self.per_rank
-            self._order, self._order_epoch = perm[start:start + self.per_rank], epoch
+                perm = torch.randperm(self.length, generator=g) if self.shuffle else torch.arange(self.length)
+                start = self.rank * self.per_rank
+                order = perm[start:start + self.per_rank]
+            self._order, self._order_epoch = order, epoch
         return self._order
 
     def next_keys(self) -> list:
@@ -86,14 +96,19 @@ class InfiniteSampler:
         return [k[0] for k in self.next_keys()]
 
     def _config(self) -> dict:
-        return {"length": self.length, "batch_size": self.batch_size, "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size, "shuffle": self.shuffle}
+        config = {"length": self.length, "batch_size": self.batch_size, "seed": self.seed, "rank": self.rank,
+                  "world_size": self.world_size, "shuffle": self.shuffle}
+        if self.partition_seed is not None:        # absent when unset: older checkpoints' states still match
+            config["partition_seed"] = self.partition_seed
+        return config
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset, **self._config()}
 
     def load_state_dict(self, state: dict) -> None:
-        for key, value in self._config().items():
+        config = self._config()
+        for key in sorted(set(config) | set(state) - {"epoch", "offset"}):
+            value = config.get(key)
             if state.get(key) != value:
                 raise ValueError(f"sampler state field {key!r} is {state.get(key)!r} but this sampler has {value!r}; "
                                  "resume with the same datasets, batch sizes, seed and world size")
@@ -168,9 +183,13 @@ class _Collate:
 
 
 class MultiTaskComposer:
-    """One collated batch per (head_name, dataset, batch_size[, input_group]) entry per step."""
+    """One collated batch per (head_name, dataset, batch_size[, input_group]) entry per step.
 
-    def __init__(self, entries, seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0):
+    fixed_partition: every rank keeps the same items of each dataset in every epoch, and all entries split a dataset
+        length the same way (see InfiniteSampler's partition_seed); for cached synthetic faces."""
+
+    def __init__(self, entries, seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                 fixed_partition: bool = False):
         self.entries, self.groups, self.samplers = [], [], []
         names = set()
         for i, entry in enumerate(entries):
@@ -185,7 +204,9 @@ class MultiTaskComposer:
                 raise ValueError(f"entry {name!r}: input group {group!r} not in {sorted(NORMALIZATION)}")
             self.entries.append((name, dataset, int(batch_size)))
             self.groups.append(group)
-            self.samplers.append(InfiniteSampler(len(dataset), batch_size, item_seed(seed, i), rank, world_size))
+            part = item_seed(seed, len(dataset), 0x5041525449) if fixed_partition else None
+            self.samplers.append(InfiniteSampler(len(dataset), batch_size, item_seed(seed, i), rank, world_size,
+                                                 partition_seed=part))
         self.seed, self.num_workers = int(seed), int(num_workers)
         self.steps = 0
         self._iters = None

@@ -117,6 +117,54 @@ def test_two_ranks_see_disjoint_samples():
     assert not set(seen[0]) & set(seen[1]) and len(set(seen[0] + seen[1])) == 20
 
 
+@settings(max_examples=25, deadline=None)
+@given(length=st.integers(2, 40), bs=st.integers(1, 9), world=st.integers(1, 4), part=st.integers(0, 99))
+def test_fixed_partition_keeps_each_ranks_items_across_epochs_and_heads(length, bs, world, part):
+    if length < world:
+        return
+    per_rank = length // world
+    ranks = []
+    for r in range(world):
+        sets = []
+        for seed in (5, 6):                          # two heads: their own orders, the same partition
+            s = data.InfiniteSampler(length, bs, seed, r, world, partition_seed=part)
+            keys = []
+            while len(keys) < 3 * per_rank:
+                keys += s.next_keys()
+            epochs = [[k[0] for k in keys if k[1] == e] for e in range(3)]
+            assert all(sorted(e) == sorted(epochs[0]) and len(e) == per_rank for e in epochs)   # same items
+            sets.append(set(epochs[0]))
+        assert sets[0] == sets[1]
+        ranks.append(sets[0])
+    flat = [i for rank in ranks for i in rank]
+    assert len(set(flat)) == len(flat) == per_rank * world and set(flat) <= set(range(length))
+
+
+def test_fixed_partition_reorders_epochs_and_resumes():
+    s = data.InfiniteSampler(30, 15, seed=2, rank=1, world_size=2, partition_seed=9)
+    first, second = next(s), next(s)
+    assert sorted(first) == sorted(second) and first != second          # re-ordered, not repeated
+    state = s.state_dict()
+    more = [next(s) for _ in range(3)]
+    fresh = data.InfiniteSampler(30, 15, seed=2, rank=1, world_size=2, partition_seed=9)
+    fresh.load_state_dict(state)
+    assert [next(fresh) for _ in range(3)] == more
+    with pytest.raises(ValueError, match="partition_seed"):
+        data.InfiniteSampler(30, 15, seed=2, rank=1, world_size=2).load_state_dict(state)
+
+
+def test_composer_fixed_partition_halves_each_ranks_items():
+    seen = []
+    for rank in range(2):
+        c = data.MultiTaskComposer([("a", IndexDataset(20), 5), ("b", IndexDataset(20), 4)], seed=1, rank=rank,
+                                   world_size=2, fixed_partition=True)
+        batches = [c.next_batch() for _ in range(10)]
+        a, b = ({int(i) for x in batches for i in x[h]["index"]} for h in "ab")
+        assert a == b and len(a) == 10                                    # both heads: this rank's 10 items
+        seen.append(a)
+    assert not seen[0] & seen[1]
+
+
 def test_composer_groups_and_errors():
     dense = data.SyntheticFaces("train", size=32, length=10, task="landmarks")
     c = data.MultiTaskComposer([("lm", dense, 2)], seed=0)
