@@ -125,12 +125,16 @@ def data_similarity(photo: Photo, S: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------------ heads
+def decode_points(out: dict, i: int, warp: Warp, S: int) -> dict:
+    c = out["coords"][i].float().cpu().numpy().astype(np.float64) * S - 0.5        # [K, 2] input pixels
+    return {"points": np.round(warp.inverse_points(c), 2).tolist()}
+
+
 def decode(task: str, out: dict, i: int, warp: Warp, S: int) -> dict:
     """One face's output of one head, in the photo's coordinates and readable names."""
     kind = TASKS[task].type
     if kind == "landmarks":
-        c = out["coords"][i].float().cpu().numpy().astype(np.float64) * S - 0.5    # [K, 2] input pixels
-        return {"points": np.round(warp.inverse_points(c), 2).tolist()}
+        return decode_points(out, i, warp, S)
     if kind == "parsing":
         labels = out["logits"][i].argmax(0).cpu().numpy()
         names = photo_io.class_names(task)
@@ -148,7 +152,10 @@ def decode(task: str, out: dict, i: int, warp: Warp, S: int) -> dict:
     if kind == "pose":                               # degrees; convention in data/conventions.py (README "Outputs")
         return {n: round(float(v), 2) for n, v in zip(("yaw", "pitch", "roll"), out["pose"][i].tolist())}
     if kind == "visibility":                         # per point of the head's scheme: probability it is occluded
-        return {"occluded": [round(float(v), 4) for v in out["occluded"][i].tolist()]}
+        res = {"occluded": [round(float(v), 4) for v in out["occluded"][i].tolist()]}
+        if "coords" in out:                          # Faceptor's visibility tokens also locate their points
+            res.update(decode_points(out, i, warp, S))
+        return res
     return {}                                                                      # recognition: see run_batch
 
 

@@ -45,7 +45,7 @@ HAIR_COLOURS = {"black": (28, 24, 22), "brown": (105, 64, 36), "blond": (228, 19
 IRIS = ((70, 45, 25), (40, 90, 150), (60, 120, 70), (110, 80, 40), (90, 90, 100))
 TASK_FIELDS = {"landmarks": ("landmarks",), "parsing": ("mask",), "age": ("age",), "expression": ("expression",),
                "attributes": ("attributes",), "recognition": ("identity",), "pose": ("pose",),
-               "visibility": ("visible",), "gender": ("gender",), "race": ("race",)}
+               "visibility": ("visible", "landmarks"), "gender": ("gender",), "race": ("race",)}
 # transfer scheme -> the task type whose label it changes
 SCHEMES = {"aflw19": "landmarks", "cofw": "landmarks", "cofw_visibility": "visibility", "lapa": "parsing",
            "synth_attr": "attributes"}

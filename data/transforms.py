@@ -240,7 +240,8 @@ class DenseTransform:
 
 # ============================================================================================ 112-px
 def flip_item(item: dict, mask_flip=CELEBAMASK_FLIP) -> dict:
-    """Horizontal flip: image, landmarks (x -> W-1-x, then the set's permutation of LANDMARK_FLIP), box, mask
+    """Horizontal flip: image, landmarks (x -> W-1-x, then the set's permutation of LANDMARK_FLIP) and their
+    `visible` flags (the same permutation), box, mask
     (left/right class swap `mask_flip`: CELEBAMASK_FLIP by default, conventions.LAPA_FLIP for LaPa).
     Attributes, age, expression and identity do not change under a flip."""
     out = dict(item)
@@ -253,6 +254,8 @@ def flip_item(item: dict, mask_flip=CELEBAMASK_FLIP) -> dict:
         if perm is None:
             raise ValueError(f"no flip permutation for {len(lm)} landmarks; known: {sorted(LANDMARK_FLIP)}")
         out["landmarks"] = lm[list(perm)]
+        if "visible" in item:                                   # per-point flags follow their points
+            out["visible"] = item["visible"][list(perm)]
     if "box" in item:
         x1, y1, x2, y2 = item["box"].unbind(-1)
         out["box"] = torch.stack([W - 1 - x2, y1, W - 1 - x1, y2], -1)

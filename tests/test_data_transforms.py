@@ -176,3 +176,15 @@ def test_normalisation_per_input_group():
                                                            (1 - 0.40821073) / 0.27577711]))
     assert torch.allclose(data.normalize_images(x, "global"), torch.ones(1, 3, 2, 2))
     assert data.input_group("parsing") == "dense" and data.input_group("age") == "global"
+
+
+@pytest.mark.parametrize("perm", [FLIP_29, FLIP_68])
+def test_flip_item_moves_visibility_flags_with_their_points(perm):
+    n = len(perm)
+    g = torch.Generator().manual_seed(n)
+    item = {"image": torch.zeros(3, 8, 8, dtype=torch.uint8), "landmarks": torch.rand(n, 2, generator=g) * 7,
+            "visible": torch.randint(0, 2, (n,), generator=g)}
+    out = flip_item(item)
+    for j in range(n):             # flipped point j is source point perm[j]: it keeps that point's flag
+        assert out["visible"][j] == item["visible"][perm[j]]
+        assert out["landmarks"][j, 0] == pytest.approx(7 - item["landmarks"][perm[j], 0].item(), abs=1e-6)

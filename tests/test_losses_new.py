@@ -60,6 +60,15 @@ def test_task_loss_dispatch_reads_each_type_label_field():
     vis = {"logits": torch.tensor([[0.0]]), "occluded": torch.tensor([[0.5]])}
     assert losses.task_loss("visibility", vis, {"visible": torch.tensor([[1]])}).item() == \
         pytest.approx(math.log(2), rel=1e-6)
+    # with the points' positions, the landmark loss of the same tokens is added, unweighted
+    g = torch.Generator().manual_seed(0)
+    out = {"logits": torch.randn(2, 29, generator=g), "heatmap": torch.randn(2, 29, 8, 8, generator=g)}
+    batch = {"visible": torch.randint(0, 2, (2, 29), generator=g), "image": torch.zeros(2, 3, 32, 32),
+             "landmarks": torch.rand(2, 29, 2, generator=g) * 32}
+    occlusion_only = losses.visibility_loss(out["logits"], batch["visible"]).item()
+    assert losses.task_loss("visibility", out, {"visible": batch["visible"]}).item() == occlusion_only
+    assert losses.task_loss("visibility", out, batch).item() == pytest.approx(
+        occlusion_only + losses.task_loss("landmarks", out, batch).item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("kind,outputs,batch,match", [

@@ -1,10 +1,12 @@
 """Model assembly: parameter counts, shapes, batching, predict, stages, Layer-Attention switch, bad input."""
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn as nn
 
 from decoder import CrossAttentionLayer, QueryGroup, SelfAttentionLayer, sine_code
-from model import (BASE_TASKS, FULL_TASKS, TASKS, Faceptor, FaceptorConfig, NaiveFaceptor, init_stage2,
+from model import (BASE_TASKS, FULL_TASKS, TASKS, Faceptor, FaceptorConfig, NaiveFaceptor, QuickGELU, init_stage2,
                    stage2_parameters)
 
 
@@ -351,3 +353,18 @@ def test_forward_tasks_equals_per_task_forward():
         ref = m(x, t)
         for k in ref:
             _assert_close(out[t][k], ref[k], 1e-5, f"{t}.{k}")
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.floats(0.1, 30.0))
+def test_quick_gelu_equals_clip_form_with_gradients(seed, scale):
+    # The fused silu form against CLIP's written form x * sigmoid(1.702 x), values and gradients, incl. large |x|.
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(257, 33, generator=g, dtype=torch.float64) * scale).requires_grad_()
+    w = torch.randn(257, 33, generator=g, dtype=torch.float64)
+    y = QuickGELU()(x)
+    ref = x * torch.sigmoid(1.702 * x)
+    (gx,) = torch.autograd.grad((y * w).sum(), x)
+    (gref,) = torch.autograd.grad((ref * w).sum(), x)
+    _assert_close(y, ref, 1e-12 * max(1.0, scale), "QuickGELU value")
+    _assert_close(gx, gref, 1e-12, "QuickGELU gradient")

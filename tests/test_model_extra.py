@@ -9,7 +9,7 @@ from model import BASE_TASKS, FULL_TASKS, TASKS, Faceptor, FaceptorConfig, Naive
 
 NEW = ("300wlp", "cofw_visibility", "utkface_gender", "utkface_race", "fairface_gender", "fairface_race")
 OLD = ("300w", "celebamask_hq", "morph2", "rafdb", "celeba", "ms1mv3")
-EXPECTED_KEYS = {"pose": {"pose", "logits"}, "visibility": {"occluded", "logits"}, "gender": {"logits"},
+EXPECTED_KEYS = {"pose": {"pose", "logits"}, "visibility": {"occluded", "logits", "heatmap", "coords"}, "gender": {"logits"},
                  "race": {"logits"}}
 
 
@@ -44,8 +44,30 @@ def test_shapes_and_readouts(model):
         assert out["logits"].shape == (2, spec.queries)
         assert torch.isfinite(out["logits"]).all()
     assert model(x112, "300wlp")["pose"].shape == (2, 3)
-    occ = model(x512, "cofw_visibility")["occluded"]
+    vis = model(x512, "cofw_visibility")
+    occ = vis["occluded"]
     assert occ.shape == (2, 29) and ((occ > 0) & (occ < 1)).all()
+    side = model.cfg.size_512 // model.cfg.patch_size * 4                                # the pixel decoder's map
+    assert vis["heatmap"].shape == (2, 29, side, side) and vis["coords"].shape == (2, 29, 2)
+
+
+def test_visibility_tokens_learn_where_their_points_are():
+    # The landmark term of the visibility loss reaches the visibility queries through the heatmap; the occlusion
+    # term alone reaches them through the value head only. Both change the query gradient.
+    torch.manual_seed(0)
+    model = Faceptor(FaceptorConfig.tiny(tasks=("300w", "cofw_visibility"))).train()
+    x512 = torch.randn(2, 3, model.cfg.size_512, model.cfg.size_512)
+    batch = {"image": x512, "visible": torch.randint(0, 2, (2, 29)),
+             "landmarks": torch.rand(2, 29, 2) * model.cfg.size_512}
+    grads = []
+    for b in (batch, {k: v for k, v in batch.items() if k != "landmarks"}):
+        model.zero_grad()
+        out = model(x512, "cofw_visibility")
+        losses.task_loss("visibility", out, b).backward()
+        grads.append((model.queries["cofw_visibility"].content.grad.clone(), model.dense_head.layers[0].weight.grad))
+    assert grads[0][1] is not None and grads[0][1].abs().sum() > 0          # the heatmap is trained
+    assert grads[1][1] is None or grads[1][1].abs().sum() == 0             # ... only by the landmark term
+    assert not torch.allclose(grads[0][0], grads[1][0])
 
 
 def test_value_readout_by_hand():
@@ -120,7 +142,7 @@ def test_naive_faceptor_runs_new_heads():
     m = NaiveFaceptor(cfg).eval()
     x512, x112 = _inputs(cfg)
     out = m.forward_tasks({t: (x512 if TASKS[t].size == 512 else x112) for t in NEW})
-    for t in NEW:
-        assert set(out[t]) == EXPECTED_KEYS[TASKS[t].type]
+    for t in NEW:                           # Naive Faceptor reads visibility from its MLCA head: no heatmap
+        assert set(out[t]) == EXPECTED_KEYS[TASKS[t].type] - {"heatmap", "coords"}
         assert out[t]["logits"].shape == (2, TASKS[t].queries)
     assert {"pose", "visibility", "gender", "race"} <= set(m.heads)

@@ -157,7 +157,8 @@ def test_lapa_masks_and_cofw_visibility_views():
         m19, m11 = native[i]["mask"], lapa[i]["mask"]
         assert int(m11.max()) <= 10 and (m11[m19 == HAIR] == 10).all()
         assert (m11[m19 == EYE_L] == 4).all() and (m11[m19 == BROW_L] == 2).all()     # image-left = LaPa's left
-        assert set(cofw[i]) == {"image", "visible"} and cofw[i]["visible"].shape == (29,)
+        assert set(cofw[i]) == {"image", "visible", "landmarks"} and cofw[i]["visible"].shape == (29,)
+        assert cofw[i]["landmarks"].shape == (29, 2)
     with pytest.raises(ValueError, match="transfer scheme"):
         data.SyntheticFaces("test", size=64, head="wflw")
 
