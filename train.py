@@ -98,6 +98,7 @@ class TrainConfig:
     log_every: int = 20
     eval_every: int = 0                        # 0: only at the end
     eval_samples: int = 300                    # synthetic test faces in periodic evaluation
+    final_eval_samples: int = 1000             # ... and in the end-of-run evaluation (README's tables: 1,000)
     ckpt_every: int = 200
     keep_last: int = 3
     max_nonfinite: int = 10                    # abort after this many non-finite losses in a row
@@ -131,19 +132,22 @@ DEMO = dict(arch_overrides=DEMO_ARCH, heads=DEMO_HEADS, lr=1e-3, lr_mult=1.0, re
             synthetic_train_length=12000, log_every=50, eval_samples=300)
 
 PRESETS = {
-    "demo": TrainConfig(preset="demo", steps=700, warmup=35, stage2_steps=500, stage2_warmup=25, ckpt_every=100,
-                        **DEMO),
-    # demo-long: the same recipe, 96-px dense inputs (the small parts: eyes, brows, lips) and a heavier parsing loss.
+    # demo (README's first command): 480 steps at 1.5x DEMO's lr, parsing weight 60 and attribute weight 1 (0.69x the
+    # arithmetic of DEMO's 700 steps; BENCHMARKS.md has the recipes tried). demo-long and demo-plus keep DEMO.
+    "demo": TrainConfig(preset="demo", steps=480, warmup=25, stage2_steps=500, stage2_warmup=25, ckpt_every=100,
+                        **{**DEMO, "lr": 1.5e-3, "heads": {**DEMO_HEADS, "celebamask_hq": [16, 60.0],
+                                                           "celeba": [16, 1.0]}}),
+    # demo-long: DEMO's recipe, 96-px dense inputs (the small parts: eyes, brows, lips) and a heavier parsing loss.
     "demo-long": TrainConfig(preset="demo-long", steps=2600, warmup=130, stage2_steps=300, stage2_warmup=15,
                              eval_every=650, ckpt_every=200, **{
                                  **DEMO, "synthetic_train_length": 40000,
                                  "arch_overrides": {**DEMO_ARCH, "size_512": 96},
                                  "heads": {**DEMO_HEADS, "celebamask_hq": [16, 30.0]}}),
-    # demo-plus [ours]: the demo recipe with the task types beyond the paper (pose, landmark visibility on COFW's
+    # demo-plus [ours]: DEMO's recipe with the task types beyond the paper (pose, landmark visibility on COFW's
     # 29 points, gender, race) trained beside the paper's six.
     "demo-plus": TrainConfig(preset="demo-plus", steps=700, warmup=35, stage2_steps=500, stage2_warmup=25,
-                             ckpt_every=100, **{**DEMO, "heads": {**DEMO_HEADS, "300wlp": [16, 2.0],
-                                                                  "cofw_visibility": [16, 5.0],
+                             ckpt_every=100, **{**DEMO, "heads": {**DEMO_HEADS, "300wlp": [16, 10.0],
+                                                                  "cofw_visibility": [16, 30.0],
                                                                   "utkface_gender": [16, 1.0],
                                                                   "utkface_race": [16, 1.0]}}),
     "faceptor-base": TrainConfig(preset="faceptor-base", heads=BASE_HEADS, **PAPER),
@@ -161,10 +165,10 @@ PRESETS = {
 # Cross-dataset transfer (Table 9, appendix B.3): batch sizes of the new heads; 20,000 steps, 2,000 warm-up.
 TRANSFER_BATCH = {"aflw19": 8, "lapa": 8, "lfw73": 32, "cofw": 8, "synth_attr": 32}
 # The same on the demo presets' synthetic faces [ours]: their transfer label schemes (data.SYNTHETIC_SCHEMES: 19 and
-# 29 points, LaPa's 11 classes, 11 new attributes), a short schedule that fits a CPU. Prompt tuning trains only
-# N(0,1)-scale queries: at the demo's lr 1e-3 its 300 steps move them too little (19-point NME 36.61, worse than the
-# mean shape's 25.84), at 1e-2 it learns (17.50); measured on the default run's checkpoint.
-DEMO_TRANSFER = dict(steps=300, warmup=15, prompt_lr=1e-2)
+# 29 points, LaPa's 11 classes, 11 new attributes), a short schedule that fits a CPU, lr 1e-3 for decoder and full
+# tuning. Prompt tuning trains only N(0,1)-scale queries: at 1e-3 its 300 steps move them too little (19-point NME
+# 36.61, worse than the mean shape's 25.84), at 1e-2 it learns (17.50); measured on a default run's checkpoint.
+DEMO_TRANSFER = dict(steps=300, warmup=15, lr=1e-3, prompt_lr=1e-2)
 
 # Stage-1 wall-clock of the demo presets on the reference machine (2 CPU cores, 2 processes; README's results).
 # A run that measures less than half this speed says so at its first progress line.
@@ -179,11 +183,17 @@ def reference_images_per_s(cfg: TrainConfig, run) -> float | None:
     return steps * sum(int(v[0]) for v in PRESETS[cfg.preset].heads.values()) * 2 / (minutes * 60)
 
 
+def cached_synthetic(cfg: TrainConfig) -> bool:
+    return cfg.data == "synthetic" and cfg.synthetic_cache
+
+
 def epoch_steps(cfg: TrainConfig, run) -> dict | None:
-    """{head: steps per epoch} when drawn items are cached (synthetic faces), else None."""
-    if cfg.data != "synthetic" or not cfg.synthetic_cache:
+    """{head: steps until its faces are all drawn} when drawn items are cached (synthetic faces), else None.
+    The heads of one input size share a rank's faces (fixed partition), so the fastest of them fills the cache."""
+    if not cached_synthetic(cfg):
         return None
-    return {h: -(-cfg.synthetic_train_length // (int(v[0]) * run.env.world)) for h, v in cfg.heads.items()}
+    steps = {h: -(-cfg.synthetic_train_length // (int(v[0]) * run.env.world)) for h, v in cfg.heads.items()}
+    return {h: min(s for g, s in steps.items() if TASKS[g].size == TASKS[h].size) for h in steps}
 
 
 def model_config(cfg: TrainConfig, stage: int) -> FaceptorConfig:
@@ -245,7 +255,8 @@ def build_data(cfg: TrainConfig, mcfg: FaceptorConfig, data_root, env) -> tuple:
     datasets = {h: synthetic_dataset(h, cfg, mcfg) if cfg.data == "synthetic" else real_dataset(h, data_root, mcfg)
                 for h in cfg.heads}
     composer = MultiTaskComposer([(h, datasets[h], int(cfg.heads[h][0])) for h in cfg.heads], seed=cfg.seed,
-                                 rank=env.rank, world_size=env.world, num_workers=cfg.num_workers)
+                                 rank=env.rank, world_size=env.world, num_workers=cfg.num_workers,
+                                 fixed_partition=cached_synthetic(cfg))      # each rank draws only its share
     return composer, datasets
 
 
@@ -397,6 +408,8 @@ def resolve_config(args) -> TrainConfig:
     for k, v in overrides.items():
         if v is not None:
             setattr(cfg, k, v)
+    if args.eval_samples is not None:                  # --eval-samples: every evaluation, the final one too
+        cfg.final_eval_samples = args.eval_samples
     if args.stage == 1:
         cfg.steps = args.max_steps if args.max_steps is not None else cfg.steps
         cfg.warmup = args.warmup if args.warmup is not None else cfg.warmup
@@ -411,8 +424,8 @@ def resolve_config(args) -> TrainConfig:
         cfg.steps = args.max_steps if args.max_steps is not None else length["steps"]
         cfg.warmup = args.warmup if args.warmup is not None else length["warmup"]
         cfg.heads = {args.dataset: [TRANSFER_BATCH[args.dataset], 1.0]}
-        if synthetic and args.tune == "prompt" and args.lr is None:
-            cfg.lr = DEMO_TRANSFER["prompt_lr"]
+        if synthetic and args.lr is None:
+            cfg.lr = DEMO_TRANSFER["prompt_lr" if args.tune == "prompt" else "lr"]
         if synthetic and args.dataset not in SYNTHETIC_SCHEMES:
             raise SystemExit(f"--tune --dataset {args.dataset} on preset {cfg.preset!r}: the synthetic faces have no "
                              f"{args.dataset} labels (they have {sorted(SYNTHETIC_SCHEMES)}); pass --data-root with a "
@@ -521,15 +534,16 @@ def build_start(args, cfg: TrainConfig, stage: int, resume: dict | None, log):
     return model, mcfg, cfg, cosface
 
 
-def evaluate_now(run: Run):
-    """Synthetic test metrics of the model (rank 0), logged and recorded; None for real-data presets."""
+def evaluate_now(run: Run, n_test: int | None = None):
+    """Synthetic test metrics of the model (rank 0) on `n_test` faces (default: cfg.eval_samples), logged and
+    recorded; None for real-data presets."""
     if run.cfg.data != "synthetic" or not run.evaluate:
         return None
     result = None
     if run.env.master:
         import evaluate
         t = time.time()
-        result = evaluate.evaluate_synthetic(run.model, run.cfg.to_dict(), n_test=run.cfg.eval_samples,
+        result = evaluate.evaluate_synthetic(run.model, run.cfg.to_dict(), n_test=n_test or run.cfg.eval_samples,
                                              device=run.env.device)
         set_train_mode(run.model)
         run.log(f"eval @ {run.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()
@@ -649,7 +663,7 @@ def stop_on_signal():
 def finish(run: Run, t0: float) -> str:
     """The final checkpoint and evaluation, and what to run next."""
     path = save(run, final=True)
-    result = evaluate_now(run)
+    result = evaluate_now(run, run.cfg.final_eval_samples)
     run.log(f"done: stage {run.stage}, {run.step} steps in {(time.time() - t0) / 60:.1f} min, "
             f"{run.nonfinite_total} non-finite step(s) skipped")
     run.log(f"checkpoint: {path}")
