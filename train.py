@@ -583,6 +583,7 @@ def train_loop(run: Run, hooks: DebugHooks, stop: dict) -> str | None:
         opt.zero_grad(set_to_none=True)
         run.step += 1
         hooks.after_step(run.step)
+        progress.step_done(run.step)
         if progress.due(run.step):
             progress.report(run.step)
         if distributed.any_rank(stop["signal"] is not None, device):

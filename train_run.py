@@ -145,9 +145,11 @@ class Progress:
     """Loss averages between progress lines, images/s and the ETA. The first line comes after at most 10 steps;
     it says so when the machine trains at less than half of `reference_ips` (images per second).
 
-    ETA: compute time per step times the steps left, plus data time. `epoch_steps` ({head: steps per epoch}) is
-    given when drawn items are cached (synthetic faces): each head then draws for one epoch after the process
-    starts and is nearly free afterwards, so the data time is charged per item still to draw, not per step."""
+    ETA: compute time per step times the steps left, plus data time. The first step is left out of the compute
+    rate once a second one is done (it carries one-time costs: allocations, kernel selection). `epoch_steps`
+    ({head: steps per epoch}) is given when drawn items are cached (synthetic faces): each head then draws for one
+    epoch after the process starts and is nearly free afterwards, so the data time is charged per item still to
+    draw, not per step."""
 
     def __init__(self, run: Run, reference_ips: float | None = None, epoch_steps: dict | None = None):
         self.run, self.first, self.reference_ips = run, run.step, reference_ips
@@ -156,6 +158,7 @@ class Progress:
         self.epoch_steps, self.data_s = epoch_steps, 0.0
         self.sums, self.count, self.t0 = {}, 0, time.time()
         self.t_last, self.step_last, self.warned = self.t0, run.step, False
+        self.first_compute = None                  # compute seconds of the first step (one-time costs included)
 
     def next_batch(self) -> dict:
         t = time.time()
@@ -163,14 +166,24 @@ class Progress:
         self.data_s += time.time() - t
         return batches
 
+    def step_done(self, step: int):
+        """Call after every step: keeps the first step's compute time apart."""
+        if step == self.first + 1:
+            self.first_compute = time.time() - self.t0 - self.data_s
+
     def eta(self, step: int, elapsed: float) -> float:
         done, left = max(step - self.first, 1), self.run.total - step
+        compute = elapsed - self.data_s
+        if done > 1 and self.first_compute is not None:
+            per_step = (compute - self.first_compute) / (done - 1)
+        else:
+            per_step = compute / done
         if not self.epoch_steps:
-            return elapsed / done * left
+            return per_step * left + self.data_s / done * left
         ends = {h: self.first + e for h, e in self.epoch_steps.items()}              # caches full at these steps
         drawn = sum(n * (min(step, ends[h]) - self.first) for h, n in self.batch.items())
         to_draw = sum(n * max(0, min(ends[h], self.run.total) - step) for h, n in self.batch.items())
-        return (elapsed - self.data_s) / done * left + self.data_s / max(drawn, 1) * to_draw
+        return per_step * left + self.data_s / max(drawn, 1) * to_draw
 
     def add(self, head_losses: dict, loss: torch.Tensor):
         for h, l in head_losses.items():

@@ -32,6 +32,21 @@ def test_eta_by_hand():
     assert cached.eta(step=12, elapsed=20.0) == pytest.approx(16.0 / 12 * 8)
 
 
+def test_eta_leaves_the_first_steps_one_time_costs_out(monkeypatch):
+    run, _ = fake_run()
+    p = train_run.Progress(run)
+    clock = {"now": p.t0}
+    monkeypatch.setattr(train_run.time, "time", lambda: clock["now"])
+    clock["now"] += 5.0                       # step 1: 1 s of work + 4 s of one-time costs
+    p.step_done(1)
+    clock["now"] += 3.0                       # steps 2-4: 1 s each
+    for step in (2, 3, 4):
+        p.step_done(step)
+    assert p.eta(step=4, elapsed=8.0) == pytest.approx(1.0 * 16)    # not 8 s / 4 steps x 16
+    p.data_s = 2.0                            # data time is charged per step (no cache), compute without it
+    assert p.eta(step=4, elapsed=8.0) == pytest.approx((6.0 - 5.0) / 3 * 16 + 2.0 / 4 * 16)
+
+
 def test_eta_after_resume_counts_the_epoch_from_the_restart():
     run, _ = fake_run(step=100, total=120)
     p = train_run.Progress(run, epoch_steps={"a": 10, "b": 10})
