@@ -172,7 +172,7 @@ DEMO_TRANSFER = dict(steps=300, warmup=15, lr=1e-3, prompt_lr=1e-2)
 
 # Stage-1 wall-clock of the demo presets on the reference machine (2 CPU cores, 2 processes; README's results).
 # A run that measures less than half this speed says so at its first progress line.
-REFERENCE_MINUTES = {"demo": (700, 8.1), "demo-long": (2600, 50.9)}        # preset -> (steps, minutes)
+REFERENCE_MINUTES = {"demo": (480, 5.9), "demo-long": (2600, 50.9)}        # preset -> (steps, minutes)
 
 
 def reference_images_per_s(cfg: TrainConfig, run) -> float | None:
