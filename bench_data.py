@@ -17,12 +17,16 @@
 4. Worker pools. Steps/s of `MultiTaskComposer` over these files with pool="shared" (one DataLoader per rank) and
    pool="per_head" (one per head), at several worker counts; every configuration starts its workers, takes
    `--pool-warmup` steps, then `--pool-steps` timed steps (wall clock), and stops them; the configurations run in
-   alternating rounds, so a busy machine slows them alike (median of the rounds reported).
+   alternating rounds, so a busy machine slows them alike (median of the rounds reported). W workers that share
+   the cores finish their steps at about the same time, so both step counts are multiples of every W compared
+   (otherwise a window that starts or ends inside a burst of W steps misstates the rate).
 """
+import multiprocessing
 import os
 import statistics
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -229,10 +233,11 @@ def composer_entries(sets: dict, heads: dict, scale: float = 1.0) -> list:
 
 def bench_step(sets: dict, heads: dict, steps: int) -> tuple:
     """CPU-seconds of one whole Base step composed in this process and of its collation and normalisation alone
-    (medians of `steps`, after one warm-up)."""
+    (medians of `steps`, after one warm-up), and the bytes of the step's tensors (what a worker hands over)."""
     entries = composer_entries(sets, heads)
     c = MultiTaskComposer(entries, seed=0)
-    c.next_batch()
+    step = c.next_batch()
+    nbytes = sum(v.nbytes for batch in step.values() for v in batch.values() if torch.is_tensor(v))
     whole, coll = [], []
     for k in range(steps):
         t = time.process_time()
@@ -244,32 +249,57 @@ def bench_step(sets: dict, heads: dict, steps: int) -> tuple:
         for name, its, group in items:
             data.collate(its, group, name)
         coll.append(time.process_time() - t)
-    return statistics.median(whole), statistics.median(coll)
+    return statistics.median(whole), statistics.median(coll), nbytes
+
+
+def cpu_seconds(pids) -> float:
+    """CPU-seconds (user + system) this process and the processes `pids` have used so far; Linux /proc."""
+    total = time.process_time()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:                                   # no /proc, or the process has ended
+            return float("nan")
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")      # utime, stime
+    return total
+
+
+def run_pool(entries, pool: str, workers: int, args) -> tuple:
+    """(steps/s wall, CPU-seconds per step of this process and its workers) over the timed steps of one pool."""
+    before = {p.pid for p in multiprocessing.active_children()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="This DataLoader will create")       # more workers than cores
+        c = MultiTaskComposer(entries, seed=0, num_workers=workers, pool=pool)
+        for _ in range(max(args.pool_warmup, 1)):                                       # starts the workers
+            c.next_batch()
+    pids = [p.pid for p in multiprocessing.active_children() if p.pid not in before]
+    t, cpu = time.perf_counter(), cpu_seconds(pids)
+    for _ in range(args.pool_steps):
+        c.next_batch()
+    t, cpu = time.perf_counter() - t, cpu_seconds(pids) - cpu
+    c.close()
+    return args.pool_steps / t, cpu / args.pool_steps
 
 
 def bench_pools(sets: dict, heads: dict, args) -> None:
     configs = [("shared", w) for w in args.shared_workers] + [("per_head", w) for w in args.per_head_workers]
     entries = composer_entries(sets, heads, args.pool_batch_scale)
     per_step = sum(e[2] for e in entries)
-    rates = {cfg: [] for cfg in configs}
+    runs = {cfg: [] for cfg in configs}
     for _ in range(args.pool_rounds):
         for pool, w in configs:
-            c = MultiTaskComposer(entries, seed=0, num_workers=w, pool=pool)
-            for _ in range(args.pool_warmup):
-                c.next_batch()
-            t = time.perf_counter()
-            for _ in range(args.pool_steps):
-                c.next_batch()
-            rates[(pool, w)].append(args.pool_steps / (time.perf_counter() - t))
-            c.close()
-    print(f"\nworker pools ({per_step} images per step; wall clock, median of {args.pool_rounds} alternating rounds "
-          f"of {args.pool_steps} steps after {args.pool_warmup} warm-up steps; {os.cpu_count()} CPUs seen)")
-    print(f"{'pool':9s} {'workers/loader':>14s} {'processes':>9s} {'steps/s':>8s} {'images/s':>9s}  rounds")
-    for (pool, w), r in rates.items():
+            runs[(pool, w)].append(run_pool(entries, pool, w, args))
+    print(f"\nworker pools ({per_step} images per step; median of {args.pool_rounds} alternating rounds of "
+          f"{args.pool_steps} steps after {args.pool_warmup} warm-up steps; {os.cpu_count()} CPUs seen; CPU-s of this "
+          "process and its workers, which also finish the steps already handed out)")
+    print(f"{'pool':9s} {'workers/loader':>14s} {'processes':>9s} {'steps/s':>8s} {'images/s':>9s} {'CPU-s/step':>10s}"
+          "  rounds (steps/s)")
+    for (pool, w), r in runs.items():
         procs = w * (1 if pool == "shared" else len(entries))
-        med = statistics.median(r)
-        print(f"{pool:9s} {w:14d} {procs:9d} {med:8.3f} {med * per_step:9.1f}  "
-              + " ".join(f"{x:.3f}" for x in r))
+        rate, cpu = statistics.median(x[0] for x in r), statistics.median(x[1] for x in r)
+        print(f"{pool:9s} {w:14d} {procs:9d} {rate:8.3f} {rate * per_step:9.1f} {cpu:10.3f}  "
+              + " ".join(f"{x[0]:.3f}" for x in r))
 
 
 def section_loaders(args):
@@ -289,9 +319,10 @@ def section_loaders(args):
         for t_ms in sorted({60.0, args.step_ms, 240.0}):
             print(f"  step time {t_ms:5.0f} ms (target, not a measured GPU step): {cpu_s / (t_ms / 1000):5.1f} cores")
         if args.check_steps > 0:
-            whole, coll = bench_step(sets, BASE_HEADS, args.check_steps)
+            whole, coll, nbytes = bench_step(sets, BASE_HEADS, args.check_steps)
             print(f"cross-check, whole steps composed in-process (items, collation, normalisation): {whole:.3f} "
-                  f"CPU-s per step, of which collation + normalisation {coll:.3f}")
+                  f"CPU-s per step, of which collation + normalisation {coll:.3f}; {whole / (args.step_ms / 1000):.1f} "
+                  f"cores at {args.step_ms:.0f} ms; one step's tensors {nbytes / 2 ** 20:.1f} MiB")
         if args.shared_workers or args.per_head_workers:
             bench_pools(sets, BASE_HEADS, args)
 
@@ -310,8 +341,11 @@ def add_parser(sub) -> None:
                    help="worker counts of the shared pool to compare (one DataLoader per rank)")
     p.add_argument("--per-head-workers", type=int, nargs="*", default=[1, 2],
                    help="worker counts per head's DataLoader to compare (give neither list to skip the comparison)")
-    p.add_argument("--pool-steps", type=int, default=6, help="timed steps per pool configuration and round")
-    p.add_argument("--pool-warmup", type=int, default=2, help="untimed steps after starting the workers")
+    p.add_argument("--pool-steps", type=int, default=14,
+                   help="timed steps per pool configuration and round (a multiple of every worker count: W workers "
+                        "deliver steps in bursts of W)")
+    p.add_argument("--pool-warmup", type=int, default=14,
+                   help="untimed steps after starting the workers (also a multiple of every worker count)")
     p.add_argument("--pool-rounds", type=int, default=2, help="alternating rounds over the pool configurations")
     p.add_argument("--pool-batch-scale", type=float, default=1.0, help="multiply every n_t in the pool comparison")
     p.add_argument("--keep", default=None, help="write the files into this folder and keep them (default: temporary)")
