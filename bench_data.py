@@ -19,8 +19,11 @@
    `--pool-warmup` steps, then `--pool-steps` timed steps (wall clock), and stops them; the configurations run in
    alternating rounds, so a busy machine slows them alike (median of the rounds reported). W workers that share
    the cores finish their steps at about the same time, so both step counts are multiples of every W compared
-   (otherwise a window that starts or ends inside a burst of W steps misstates the rate).
+   (otherwise a window that starts or ends inside a burst of W steps misstates the rate). Beside steps/s, the
+   CPU-seconds per step of this process and its workers over the timed steps (Linux /proc; nan elsewhere).
+`--only rates` / `--only pools` runs parts 2-3 or part 4 alone.
 """
+import io
 import multiprocessing
 import os
 import statistics
@@ -159,7 +162,6 @@ def write_celeba(root: str, n: int, faces: Faces, rng) -> None:
 
 
 def write_ms1mv3(root: str, n: int, faces: Faces, rng) -> None:
-    import io
     per_id, records = 4, []
     for key in range(1, n + 1):
         buf = io.BytesIO()
@@ -302,6 +304,22 @@ def bench_pools(sets: dict, heads: dict, args) -> None:
               + " ".join(f"{x[0]:.3f}" for x in r))
 
 
+def report_data_cost(sets: dict, heads: dict, args) -> None:
+    """Rates per set, the CPU-seconds of one step's data and the cores per GPU; the in-process cross-check."""
+    rates = bench_rates(sets, heads, args)
+    images, cpu_s, _ = data_cost(heads, rates, args.step_ms)
+    print(f"\nBase preset, one GPU: {images} images per step; data cost sum_t n_t / rate_t = {cpu_s:.3f} CPU-s "
+          "per step")
+    for t_ms in sorted({60.0, args.step_ms, 240.0}):
+        print(f"  step time {t_ms:5.0f} ms (target, not a measured GPU step): {data_cost(heads, rates, t_ms)[2]:5.1f} "
+              "cores")
+    if args.check_steps > 0:
+        whole, coll, nbytes = bench_step(sets, heads, args.check_steps)
+        print(f"cross-check, whole steps composed in-process (items, collation, normalisation): {whole:.3f} CPU-s "
+              f"per step, of which collation + normalisation {coll:.3f}; {whole / (args.step_ms / 1000):.1f} cores at "
+              f"{args.step_ms:.0f} ms; one step's tensors {nbytes / 2 ** 20:.1f} MiB")
+
+
 def section_loaders(args):
     """Base preset's datasets in native format at real sizes: items/CPU-s, cores per GPU, shared vs per-head pool."""
     from train import BASE_HEADS
@@ -312,18 +330,9 @@ def section_loaders(args):
         sets = write_base_sets(root, args.files)
         print(f"torch {torch.__version__}, 1 thread; {args.files} images per set ({args.files * RECORDS_PER_FILE} "
               f"MS1MV3 records) written in {time.perf_counter() - t:.0f} s\n")
-        rates = bench_rates(sets, BASE_HEADS, args)
-        images, cpu_s, cores = data_cost(BASE_HEADS, rates, args.step_ms)
-        print(f"\nBase preset, one GPU: {images} images per step; data cost sum_t n_t / rate_t = {cpu_s:.3f} "
-              f"CPU-s per step")
-        for t_ms in sorted({60.0, args.step_ms, 240.0}):
-            print(f"  step time {t_ms:5.0f} ms (target, not a measured GPU step): {cpu_s / (t_ms / 1000):5.1f} cores")
-        if args.check_steps > 0:
-            whole, coll, nbytes = bench_step(sets, BASE_HEADS, args.check_steps)
-            print(f"cross-check, whole steps composed in-process (items, collation, normalisation): {whole:.3f} "
-                  f"CPU-s per step, of which collation + normalisation {coll:.3f}; {whole / (args.step_ms / 1000):.1f} "
-                  f"cores at {args.step_ms:.0f} ms; one step's tensors {nbytes / 2 ** 20:.1f} MiB")
-        if args.shared_workers or args.per_head_workers:
+        if args.only in (None, "rates"):
+            report_data_cost(sets, BASE_HEADS, args)
+        if args.only in (None, "pools") and (args.shared_workers or args.per_head_workers):
             bench_pools(sets, BASE_HEADS, args)
 
 
@@ -348,4 +357,6 @@ def add_parser(sub) -> None:
                    help="untimed steps after starting the workers (also a multiple of every worker count)")
     p.add_argument("--pool-rounds", type=int, default=2, help="alternating rounds over the pool configurations")
     p.add_argument("--pool-batch-scale", type=float, default=1.0, help="multiply every n_t in the pool comparison")
+    p.add_argument("--only", choices=["rates", "pools"], default=None,
+                   help="run only the rates and cores per GPU, or only the pool comparison")
     p.add_argument("--keep", default=None, help="write the files into this folder and keep them (default: temporary)")
