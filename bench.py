@@ -5,7 +5,7 @@
     python bench.py ops --only gpu          # GPU sections only
     python bench.py predict                 # all-head predict vs per-head, Faceptor-Base, batch 1, 2 threads, fp32
     python bench.py data --sizes 64 112     # data throughput per CPU-second (nothing is written)
-    python bench.py loaders                 # Base sets in native format at real sizes; cores per GPU; pools
+    python bench.py loaders                 # bench_data.py: Base sets at real sizes, cores per GPU, worker pools
     python bench.py pipeline                # predict.py's whole pipeline on a folder of photos; detection alone
     python bench.py train --steps 12        # where one default-run step spends its CPU time (2 processes)
     python bench.py compile                 # torch.compile vs eager: demo training step and predict, 2 threads
@@ -34,8 +34,6 @@ model's forward on every head, the losses of eq. (8), backward) and the all-head
 and compiled timed alternately in one run; prints the compile time and the largest difference to eager.
 Section `data`: SyntheticFaces items/s at several sizes, RecordIO random reads/s (with and without JPEG decode),
 and the 112-px and 512-px training transforms; per wall-clock second and per CPU-second of this process.
-Section `loaders` (bench_data.py): the Base preset's training sets written in native format at the releases'
-sizes; items per CPU-second with the paper's augmentations, the cores that feed one GPU, worker pools compared.
 Section `train` (bench_train.py): one default-run training step per process, split into data (drawing, cache +
 collation), encoder, decoder, pixel decoder + heads, losses, backward, optimiser and the gradient all-reduce;
 `--world` processes with one thread each (gloo), as `torchrun --nproc_per_node=2 train.py` runs them. CPU time per
