@@ -5,6 +5,7 @@
     python bench.py ops --only gpu          # GPU sections only
     python bench.py predict                 # all-head predict vs per-head, Faceptor-Base, batch 1, 2 threads, fp32
     python bench.py data --sizes 64 112     # data throughput per CPU-second (nothing is written)
+    python bench.py loaders                 # bench_data.py: Base sets at real sizes, cores per GPU, worker pools
     python bench.py pipeline                # predict.py's whole pipeline on a folder of photos; detection alone
     python bench.py train --steps 12        # where one default-run step spends its CPU time (2 processes)
     python bench.py compile                 # torch.compile vs eager: demo training step and predict, 2 threads
@@ -51,6 +52,7 @@ import torch.nn as nn
 
 import decoder
 import ops
+from bench_data import add_parser as add_loaders_parser, section_loaders
 from bench_train import section_train
 from data.dataset_io import decode_image
 from data.recordio import RecordIOReader, pack_irheader, unpack_irheader, write_recordio
@@ -475,6 +477,7 @@ def main():
     p.add_argument("--seconds", type=float, default=2.0, help="time spent on each measurement")
     p.add_argument("--records", type=int, default=20000, help="number of records in the temporary .rec file")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 = per-core numbers)")
+    add_loaders_parser(sub)
     p = sub.add_parser("pipeline", help=section_pipeline.__doc__)
     p.add_argument("--preset", default="base", choices=["base", "full", "tiny"], help="model configuration")
     p.add_argument("--photos", type=int, default=8, help="photos in the folder (one face each)")
@@ -494,8 +497,8 @@ def main():
     p.add_argument("--batch", type=int, default=4, help="images per task head (training step) and faces (predict)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions of each path (median reported)")
     args = ap.parse_args()
-    {"ops": section_ops, "predict": section_predict, "data": section_data, "pipeline": section_pipeline,
-     "train": section_train, "compile": section_compile}[args.section](args)
+    {"ops": section_ops, "predict": section_predict, "data": section_data, "loaders": section_loaders,
+     "pipeline": section_pipeline, "train": section_train, "compile": section_compile}[args.section](args)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ normalisation and augmentations: docs/design.md sections 1, 2, 7, 8):
   loaders_extra.py   gender / race: UTKFace, FairFace; landmark visibility: COFW
   recordio.py        RecordIO without mxnet, verification .bin reader
   transforms.py      FaRL-style dense warps with inverse, 112-px pipeline
-  composer.py        InfiniteSampler, MultiTaskComposer, normalisation
+  composer.py        InfiniteSampler, MultiTaskComposer (worker pools: shared or per head), normalisation
   synthetic.py       SyntheticFaces (with synthetic_draw.py; labels beyond the paper and the transfer schemes
                      aflw19 / cofw / lapa / synth_attr in synthetic_labels.py)
   conventions.py     class orders, flip permutations, expression remaps, attribute names

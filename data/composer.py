@@ -13,6 +13,11 @@
   that accept it (`dataset.get(index, seed)`) seed their transform from it. A resumed run therefore sees exactly
   the batches, augmentations included, that it would have seen. With workers, the state counts consumed
   batches, not prefetched ones.
+- Worker pools (num_workers > 0). `pool="shared"` (default): one DataLoader per rank whose `num_workers` processes
+  each build whole steps (every head's batch of a step in one worker). `pool="per_head"`: one DataLoader per head,
+  each with `num_workers` processes (num_workers x heads processes). Both give the batches of num_workers = 0 bit
+  for bit, since the items and their seeds come from the same samplers. The shared pool also balances the heads'
+  unequal costs: with one process per head, a step waits for the slowest head's worker.
 Normalisation per input group (docs/design.md section 2): the group comes from the dataset's `task_type` attribute
 (landmarks/parsing -> CLIP statistics, others -> mean = std = 0.5) or from an optional 4th entry field.
 """
@@ -149,6 +154,41 @@ def collate(items: list, group: str, head: str = "?") -> dict:
     return out
 
 
+POOLS = ("shared", "per_head")
+
+
+class _StepItems(torch.utils.data.Dataset):
+    """Map-style view whose keys are whole steps (one list of (index, seed) pairs per entry) and whose items are
+    {head_name: collated batch}; used in-process and by the shared worker pool."""
+
+    def __init__(self, entries, groups):
+        self.entries, self.groups = entries, groups
+
+    def __getitem__(self, step_keys):
+        return {name: collate([fetch_item(dataset, i, s) for i, s in keys], group, name)
+                for (name, dataset, _), group, keys in zip(self.entries, self.groups, step_keys)}
+
+
+def _seeded(seed: int, entry: int, keys: list) -> list:
+    """Sampler keys (index, epoch, position) -> (index, item seed) pairs of entry `entry`."""
+    return [(i, item_seed(seed, entry, e, p)) for i, e, p in keys]
+
+
+class _SeededSteps:
+    """Sampler for the shared pool's DataLoader: every step's keys, from copies of the composer's samplers."""
+
+    def __init__(self, samplers: list, seed: int):
+        self.samplers, self.seed = samplers, seed
+
+    def __iter__(self):
+        while True:
+            yield [_seeded(self.seed, i, s.next_keys()) for i, s in enumerate(self.samplers)]
+
+
+def _whole_step(step: dict) -> dict:
+    return step                                       # the worker built and collated the step already
+
+
 class _SeededDataset(torch.utils.data.Dataset):
     """Map-style view whose keys are (index, seed) pairs, for DataLoader workers."""
 
@@ -170,8 +210,7 @@ class _SeededBatches:
 
     def __iter__(self):
         while True:
-            keys = self.sampler.next_keys()
-            yield [(i, item_seed(self.seed, self.entry, e, p)) for i, e, p in keys]
+            yield _seeded(self.seed, self.entry, self.sampler.next_keys())
 
 
 class _Collate:
@@ -185,11 +224,18 @@ class _Collate:
 class MultiTaskComposer:
     """One collated batch per (head_name, dataset, batch_size[, input_group]) entry per step.
 
+    num_workers: worker processes per DataLoader (0: items are built in this process).
+    pool: "shared" (one DataLoader per rank; num_workers processes build whole steps) or "per_head" (one DataLoader
+        per head, num_workers processes each); the batches are the same either way.
     fixed_partition: every rank keeps the same items of each dataset in every epoch, and all entries split a dataset
         length the same way (see InfiniteSampler's partition_seed); for cached synthetic faces."""
 
     def __init__(self, entries, seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 fixed_partition: bool = False):
+                 fixed_partition: bool = False, pool: str = "shared"):
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        if int(num_workers) < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.entries, self.groups, self.samplers = [], [], []
         names = set()
         for i, entry in enumerate(entries):
@@ -207,11 +253,19 @@ class MultiTaskComposer:
             part = item_seed(seed, len(dataset), 0x5041525449) if fixed_partition else None
             self.samplers.append(InfiniteSampler(len(dataset), batch_size, item_seed(seed, i), rank, world_size,
                                                  partition_seed=part))
-        self.seed, self.num_workers = int(seed), int(num_workers)
+        self.seed, self.num_workers, self.pool = int(seed), int(num_workers), pool
+        self._steps_view = _StepItems(self.entries, self.groups)
         self.steps = 0
         self._iters = None
 
     def _start_workers(self):
+        """Worker DataLoaders that continue from copies of the samplers' present state."""
+        if self.pool == "shared":
+            samplers = [copy.deepcopy(s) for s in self.samplers]
+            loader = DataLoader(self._steps_view, batch_size=None, sampler=_SeededSteps(samplers, self.seed),
+                                num_workers=self.num_workers, collate_fn=_whole_step, persistent_workers=False)
+            self._iters = [iter(loader)]
+            return
         self._iters = []
         for i, (name, dataset, _) in enumerate(self.entries):
             loader = DataLoader(_SeededDataset(dataset), batch_sampler=_SeededBatches(
@@ -223,16 +277,19 @@ class MultiTaskComposer:
         """{head_name: {field: Tensor}} for one training step; advances every sampler by one batch."""
         if self.num_workers > 0 and self._iters is None:
             self._start_workers()
-        out = {}
-        for i, (name, dataset, _) in enumerate(self.entries):
-            keys = self.samplers[i].next_keys()        # consumed position, also in worker mode
-            if self.num_workers > 0:
-                out[name] = next(self._iters[i])
-            else:
-                items = [fetch_item(dataset, idx, item_seed(self.seed, i, e, p)) for idx, e, p in keys]
-                out[name] = collate(items, self.groups[i], name)
+        keys = [s.next_keys() for s in self.samplers]   # the consumed position, also with workers
+        if self.num_workers == 0:
+            out = self._steps_view[[_seeded(self.seed, i, k) for i, k in enumerate(keys)]]
+        elif self.pool == "shared":
+            out = next(self._iters[0])
+        else:
+            out = {name: next(it) for (name, _, _), it in zip(self.entries, self._iters)}
         self.steps += 1
         return out
+
+    def close(self) -> None:
+        """Stops the worker processes; the next call of next_batch starts new ones at the present position."""
+        self._iters = None
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "seed": self.seed,

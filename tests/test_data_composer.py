@@ -1,4 +1,7 @@
-"""Infinite samplers and the multi-task batch composer: determinism, sharding, exact resume (paper Sec. 4.1)."""
+"""Infinite samplers and the multi-task batch composer: determinism, sharding, exact resume, worker pools
+(paper Sec. 4.1)."""
+import multiprocessing
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -93,6 +96,36 @@ def test_composer_resume_sees_identical_batches(workers):
     _same(ref.next_batch(), want[0])
 
 
+@pytest.mark.parametrize("pool, resume_pool", [("shared", "shared"), ("per_head", "per_head"),
+                                              ("shared", "per_head")])
+def test_worker_pools_give_the_in_process_batches_across_a_resume(pool, resume_pool):
+    ref = data.MultiTaskComposer(_entries(), seed=3)
+    want = [ref.next_batch() for _ in range(7)]                     # every head crosses an epoch boundary
+    c = data.MultiTaskComposer(_entries(), seed=3, num_workers=2, pool=pool)
+    got = [c.next_batch() for _ in range(3)]
+    state = c.state_dict()                                           # the workers have prefetched beyond step 3
+    c.close()
+    fresh = data.MultiTaskComposer(_entries(), seed=3, num_workers=2, pool=resume_pool)
+    fresh.load_state_dict(state)
+    got += [fresh.next_batch() for _ in range(4)]
+    for step, (w, g) in enumerate(zip(want, got)):
+        for head in w:
+            for k in w[head]:
+                assert torch.equal(w[head][k], g[head][k]), (step, head, k, (w[head][k] - g[head][k]).abs().max())
+    assert fresh.state_dict() == ref.state_dict()
+
+
+@pytest.mark.parametrize("pool, loaders", [("shared", 1), ("per_head", 3)])
+def test_worker_processes_per_rank(pool, loaders):
+    before = set(multiprocessing.active_children())
+    c = data.MultiTaskComposer(_entries(), seed=0, num_workers=2, pool=pool)      # 3 heads
+    c.next_batch()
+    started = set(multiprocessing.active_children()) - before
+    assert len(started) == 2 * loaders
+    c.close()
+    assert not set(multiprocessing.active_children()) & started                    # stopped by close()
+
+
 def test_composer_batches_and_item_seeds():
     c = data.MultiTaskComposer(_entries(), seed=0)
     b = c.next_batch()
@@ -171,6 +204,8 @@ def test_composer_groups_and_errors():
     assert c.groups == ["dense"]
     x = c.next_batch()["lm"]["image"]
     assert x.max() > 1.5                                               # CLIP statistics, not 0.5/0.5
+    with pytest.raises(ValueError, match="pool must be one of"):
+        data.MultiTaskComposer([("a", IndexDataset(4), 2)], seed=0, num_workers=2, pool="per_task")
     with pytest.raises(ValueError, match="appears twice"):
         data.MultiTaskComposer([("a", IndexDataset(4), 2), ("a", IndexDataset(4), 2)], seed=0)
     c = data.MultiTaskComposer([("a", IndexDataset(4), 2)], seed=0)
