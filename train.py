@@ -62,7 +62,7 @@ import distributed
 import losses
 from train_run import DebugHooks, Progress, Run, _plain, cosface_weights, report_nonfinite, restore, save
 from checkpoint import CheckpointError, checkpoints, load_checkpoint, load_farl, load_official, resolve_checkpoint
-from data.composer import MultiTaskComposer
+from data.composer import POOLS, MultiTaskComposer
 from data.synthetic import SCHEMES as SYNTHETIC_SCHEMES
 from model import TASKS, Faceptor, FaceptorConfig, build_model, init_stage2, stage2_parameters
 
@@ -102,7 +102,8 @@ class TrainConfig:
     ckpt_every: int = 200
     keep_last: int = 3
     max_nonfinite: int = 10                    # abort after this many non-finite losses in a row
-    num_workers: int = 0
+    num_workers: int = 0                       # data-loading worker processes per rank
+    data_pool: str = "shared"                  # shared: one worker pool builds whole steps | per_head: one per head
     dtype: str = "fp32"                        # fp32 | bf16 (autocast, CUDA) | fp16 (autocast + GradScaler, CUDA)
     out_dir: str = ""                          # default out/<preset>
 
@@ -117,7 +118,9 @@ FULL_HEADS = {"300w": [4, 250.0], "wflw": [4, 250.0], "cofw": [4, 250.0], "aflw1
               "affectnet": [64, 6.66], "rafdb": [16, 1.67], "ferplus": [16, 1.67], "celeba": [64, 2.0],
               "ms1mv3": [256, 5.0]}                                                                  # Table 2, Full
 PAPER = dict(arch="base", data="real", steps=50000, warmup=2000, stage2_steps=20000, stage2_warmup=2000, lr=5e-5,
-             log_every=50, eval_every=5000, ckpt_every=1000, keep_last=3, num_workers=4, dtype="bf16")
+             log_every=50, eval_every=5000, ckpt_every=1000, keep_last=3, num_workers=10, dtype="bf16")
+# num_workers: one shared pool per rank; a Base step's data costs about 1.1-1.2 CPU-seconds on a 2-core EPYC
+# (BENCHMARKS.md, `bench.py loaders`), so 10 workers keep up with a step of about 120 ms.
 # Demo presets [ours]: a from-scratch tiny Faceptor on SyntheticFaces, sized for 2 CPU processes. The loss weights
 # balance the heads' gradient norms on the shared encoder at initialisation (landmark and parsing losses are small,
 # attribute and CosFace losses large); with the paper's weights the 112-px heads starve. lr_mult = 1: the encoder
@@ -256,7 +259,7 @@ def build_data(cfg: TrainConfig, mcfg: FaceptorConfig, data_root, env) -> tuple:
                 for h in cfg.heads}
     composer = MultiTaskComposer([(h, datasets[h], int(cfg.heads[h][0])) for h in cfg.heads], seed=cfg.seed,
                                  rank=env.rank, world_size=env.world, num_workers=cfg.num_workers,
-                                 fixed_partition=cached_synthetic(cfg))      # each rank draws only its share
+                                 pool=cfg.data_pool, fixed_partition=cached_synthetic(cfg))
     return composer, datasets
 
 
@@ -383,6 +386,8 @@ def parse_args(argv=None):
     p.add_argument("--keep-last", type=int, default=None, help="keep the last K checkpoints")
     p.add_argument("--max-nonfinite", type=int, default=None, help="abort after N non-finite losses in a row")
     p.add_argument("--num-workers", type=int, default=None, help="data-loading worker processes per rank")
+    p.add_argument("--data-pool", choices=POOLS, default=None, help="worker pool: one per rank building whole "
+                   "steps (shared, default) or one per task head (per_head, num_workers each)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                    help="autocast precision on CUDA (CPU always runs fp32)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -402,7 +407,8 @@ def resolve_config(args) -> TrainConfig:
     cfg.arch_overrides = dict(cfg.arch_overrides)
     overrides = {"lr": args.lr, "seed": args.seed, "log_every": args.log_every, "eval_every": args.eval_every,
                  "eval_samples": args.eval_samples, "ckpt_every": args.ckpt_every, "keep_last": args.keep_last,
-                 "max_nonfinite": args.max_nonfinite, "num_workers": args.num_workers, "dtype": args.dtype,
+                 "max_nonfinite": args.max_nonfinite, "num_workers": args.num_workers, "data_pool": args.data_pool,
+                 "dtype": args.dtype,
                  "synthetic_train_length": args.synthetic_length, "synthetic_identities": args.synthetic_identities,
                  "out_dir": args.out_dir}
     for k, v in overrides.items():
