@@ -26,7 +26,7 @@ type also needs its read-out (heads.value_readout), its loss (losses.task_loss) 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch

@@ -67,7 +67,8 @@ def test_full_size_shapes_meta(task):
               "expression": {"logits": (2, n)}, "attributes": {"logits": (2, n)},
               "recognition": {"embedding": (2, 512)},
               "pose": {"pose": (2, 3), "logits": (2, 3)},
-              "visibility": {"occluded": (2, n), "logits": (2, n), "heatmap": (2, n, s // 4, s // 4), "coords": (2, n, 2)},
+              "visibility": {"occluded": (2, n), "logits": (2, n), "heatmap": (2, n, s // 4, s // 4),
+                             "coords": (2, n, 2)},
               "gender": {"logits": (2, n)}, "race": {"logits": (2, n)}}[kind]
     assert {k: tuple(v.shape) for k, v in out.items()} == expect
 

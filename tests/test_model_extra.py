@@ -9,7 +9,8 @@ from model import BASE_TASKS, FULL_TASKS, TASKS, Faceptor, FaceptorConfig, Naive
 
 NEW = ("300wlp", "cofw_visibility", "utkface_gender", "utkface_race", "fairface_gender", "fairface_race")
 OLD = ("300w", "celebamask_hq", "morph2", "rafdb", "celeba", "ms1mv3")
-EXPECTED_KEYS = {"pose": {"pose", "logits"}, "visibility": {"occluded", "logits", "heatmap", "coords"}, "gender": {"logits"},
+EXPECTED_KEYS = {"pose": {"pose", "logits"}, "visibility": {"occluded", "logits", "heatmap", "coords"},
+                 "gender": {"logits"},
                  "race": {"logits"}}
 
 
