@@ -1,7 +1,7 @@
 """`python bench.py loaders`: the training data path at the paper's scale, per CPU core, and the cores one GPU needs.
 
 1. Files. Into a folder (temporary unless `--keep`), native-format copies of the Base preset's seven training sets
-   (train.BASE_HEADS) are written at the sizes of the real releases (SOURCES; sizes typical of each release, not
+   (train_config.BASE_HEADS) are written at the sizes of the real releases (SOURCES; sizes typical of each release, not
    read from it). The pixels are SyntheticFaces faces (512 px, with their 68 landmarks and 19-class mask) resized to
    those sizes, with a mild luminance grain so that JPEG files are about as large as real photos' (the table prints
    the mean file size; decoding time grows with it).
@@ -322,7 +322,7 @@ def report_data_cost(sets: dict, heads: dict, args) -> None:
 
 def section_loaders(args):
     """Base preset's datasets in native format at real sizes: items/CPU-s, cores per GPU, shared vs per-head pool."""
-    from train import BASE_HEADS
+    from train_config import BASE_HEADS
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or tmp

@@ -201,17 +201,17 @@ def step_train(dry, steps):
     import torch
     from bench_train import synthetic_batches, training_setup
     import losses
-    import train
+    import train_config
     from model import FaceptorConfig
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     if dry:
-        mcfg = FaceptorConfig.tiny(tasks=tuple(train.BASE_HEADS))
-        heads = {h: [2, a] for h, (_n, a) in train.BASE_HEADS.items()}
+        mcfg = FaceptorConfig.tiny(tasks=tuple(train_config.BASE_HEADS))
+        heads = {h: [2, a] for h, (_n, a) in train_config.BASE_HEADS.items()}
         identities = 100
     else:
-        mcfg = train.model_config(train.PRESETS["faceptor-base"], stage=1)
-        heads = train.PRESETS["faceptor-base"].heads
+        mcfg = train_config.model_config(train_config.PRESETS["faceptor-base"], stage=1)
+        heads = train_config.PRESETS["faceptor-base"].heads
         identities = 93431                                                # MS1MV3 identities (CosFace classes)
     model, step_module, weights = training_setup(mcfg, heads, device, identities)
     batches = synthetic_batches(heads, mcfg, device, identities=identities)

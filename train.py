@@ -60,10 +60,8 @@ import torch.nn as nn
 import distributed
 import losses
 from train_run import DebugHooks, Progress, Run, cosface_weights, report_nonfinite, restore, save
-# The configuration (dataclass, presets, schedule) lives in train_config.py; its names stay reachable as train.X.
-from train_config import (BASE_HEADS, DEMO_HEADS, DEMO_TRANSFER, FULL_HEADS, PRESETS, TRANSFER_BATCH,  # noqa: F401
-                          TrainConfig, cached_synthetic, epoch_steps, lr_at, model_config, reference_images_per_s,
-                          schedule_length)
+from train_config import (DEMO_TRANSFER, PRESETS, TRANSFER_BATCH, TrainConfig, cached_synthetic, epoch_steps, lr_at,
+                          model_config, reference_images_per_s, schedule_length)
 from checkpoint import CheckpointError, checkpoints, load_checkpoint, load_farl, load_official, resolve_checkpoint
 from data.composer import POOLS, MultiTaskComposer
 from data.synthetic import SCHEMES as SYNTHETIC_SCHEMES

@@ -9,7 +9,7 @@ import torch
 
 import bench_data
 import data
-from train import BASE_HEADS
+from train_config import BASE_HEADS
 
 
 @pytest.fixture(scope="module")

@@ -255,8 +255,12 @@ def test_heads_beyond_the_paper_are_reported_by_name():
     pose = predict.decode("300wlp", out["300wlp"], 1, warp, 112)
     assert list(pose) == ["yaw", "pitch", "roll"]
     assert np.allclose([pose[k] for k in pose], out["300wlp"]["pose"][1].numpy(), atol=0.005)
-    vis = predict.decode("cofw_visibility", out["cofw_visibility"], 0, warp, 512)["occluded"]
+    vis_out = predict.decode("cofw_visibility", out["cofw_visibility"], 0, warp, 512)
+    vis = vis_out["occluded"]
     assert len(vis) == 29 and np.allclose(vis, torch.sigmoid(out["cofw_visibility"]["logits"][0]).numpy(), atol=1e-4)
+    # the visibility tokens' points, mapped like a landmark head's (identity warp: input pixels)
+    want = out["cofw_visibility"]["coords"][0].numpy() * 512 - 0.5
+    assert np.allclose(vis_out["points"], want, atol=0.006)
     gender = predict.decode("utkface_gender", out["utkface_gender"], 0, warp, 112)
     assert list(gender["probs"]) == ["male", "female"] and abs(sum(gender["probs"].values()) - 1) < 1e-3
     assert gender["label"] == ["male", "female"][int(out["utkface_gender"]["logits"][0].argmax())]

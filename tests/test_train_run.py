@@ -47,6 +47,17 @@ def test_eta_leaves_the_first_steps_one_time_costs_out(monkeypatch):
     assert p.eta(step=4, elapsed=8.0) == pytest.approx((6.0 - 5.0) / 3 * 16 + 2.0 / 4 * 16)
 
 
+def test_epoch_steps_end_when_the_fastest_head_of_an_input_size_has_drawn_its_share():
+    import train_config
+    from types import SimpleNamespace
+    cfg = train_config.TrainConfig(heads={"300w": [16, 1.0], "celebamask_hq": [8, 1.0], "morph2": [16, 1.0],
+                                          "ms1mv3": [48, 1.0]}, synthetic_train_length=1200)
+    run = SimpleNamespace(env=SimpleNamespace(world=2))
+    # 600 faces per rank and size: the 512-px pool is full after 600 / 16 steps, the 112-px one after 600 / 48
+    assert train_config.epoch_steps(cfg, run) == {"300w": 38, "celebamask_hq": 38, "morph2": 13, "ms1mv3": 13}
+    assert train_config.epoch_steps(train_config.TrainConfig(heads=cfg.heads, synthetic_cache=False), run) is None
+
+
 def test_eta_after_resume_counts_the_epoch_from_the_restart():
     run, _ = fake_run(step=100, total=120)
     p = train_run.Progress(run, epoch_steps={"a": 10, "b": 10})

@@ -5,7 +5,7 @@ Tables read (module attributes): model.TASKS / TASK_TYPES / BASE_TASKS / FULL_TA
 data.DATASETS / SYNTHETIC_ONLY; data.conventions.TASK_TYPES / DENSE_TYPES / LANDMARK_FLIP / EXPRESSIONS;
 data.synthetic.TASK_FIELDS / SCHEMES and the maps of data.synthetic_labels;
 losses.TASK_TYPES and the branches of losses.task_loss; metrics._NME_UNITS; evaluate.BENCHMARKS / _TABLE_COLUMNS;
-train.PRESETS / BASE_HEADS / FULL_HEADS / DEMO_HEADS / TRANSFER_BATCH; checkpoint.OFFICIAL_TASK_NAMES / NAIVE_HEADS /
+train_config.PRESETS / BASE_HEADS / FULL_HEADS / DEMO_HEADS / TRANSFER_BATCH; checkpoint.OFFICIAL_TASK_NAMES / NAIVE_HEADS /
 NAIVE_UNNAMED_CLASSIFIER; predict.CLASS_NAMES / ATTRIBUTE_NAMES. A last test scans every string
 literal of the project's modules for near-misses of a task or type name (a misspelt key in a table nobody listed).
 """
@@ -23,7 +23,7 @@ import losses
 import framing
 import metrics
 import photo_io
-import train
+import train_config
 from data import conventions, synthetic
 from model import BASE_TASKS, FULL_TASKS, NAIVE_HEAD_TYPES, TASK_TYPES, TASKS
 
@@ -131,16 +131,16 @@ def test_metric_and_benchmark_tables():
     assert tables <= set(evaluate._TABLE_COLUMNS), "every benchmark table has columns"
 
 
-# ------------------------------------------------------------------------------------------------ train.py
+# ------------------------------------------------------------------------------------------ train_config.py
 
 def test_training_presets_name_only_known_heads():
-    for preset, cfg in train.PRESETS.items():
+    for preset, cfg in train_config.PRESETS.items():
         assert _unknown(cfg.heads, TASKS) == [], preset
         assert all(len(v) == 2 and v[0] > 0 and v[1] > 0 for v in cfg.heads.values()), preset
-    assert set(train.BASE_HEADS) == set(BASE_TASKS)
-    assert set(train.FULL_HEADS) == set(FULL_TASKS)
-    assert _unknown(train.DEMO_HEADS, TASKS) == []
-    assert _unknown(train.TRANSFER_BATCH, TASKS) == []
+    assert set(train_config.BASE_HEADS) == set(BASE_TASKS)
+    assert set(train_config.FULL_HEADS) == set(FULL_TASKS)
+    assert _unknown(train_config.DEMO_HEADS, TASKS) == []
+    assert _unknown(train_config.TRANSFER_BATCH, TASKS) == []
 
 
 # ------------------------------------------------------------------------------------------------ checkpoint.py
