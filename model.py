@@ -19,7 +19,8 @@ Checkpoint loading and conversion live in checkpoint.py.
 
 Beyond the paper: task types pose (yaw, pitch, roll), visibility (per-landmark occlusion), gender and race, each a
 TASKS entry read through the shared `value_head` (heads.value_readout; visibility tokens are landmark tokens too, read
-through `dense_head` as well: docs/new_task_types.md); they are in neither preset, so the paper's
+through `dense_head` as well, and their occlusion logit also through `point_head`, heads.PointOutput:
+docs/new_task_types.md); they are in neither preset, so the paper's
 models, parameter counts and outputs are unchanged. Adding a head of an existing type is one TASKS entry; a new
 type also needs its read-out (heads.value_readout), its loss (losses.task_loss) and its metric (metrics.py).
 """
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 
 import ops
 from decoder import AnchorPosition, PixelDecoder, Projection, QueryGroup, TaskQueries, TransformerDecoder
-from heads import DenseOutput, IdentityOutput, MLCAHead, UperNetHead, ValueOutput, value_readout
+from heads import DenseOutput, IdentityOutput, MLCAHead, PointOutput, UperNetHead, ValueOutput, value_readout
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -303,6 +304,8 @@ class Faceptor(nn.Module):
         self.pixel_decoder = PixelDecoder(cfg.dec_dim)
         self.dense_head = DenseOutput(cfg.dec_dim)
         self.value_head = ValueOutput(cfg.dec_dim)
+        if any(TASKS[t].type == "visibility" for t in cfg.tasks):                       # beyond the paper [ours]
+            self.point_head = PointOutput(cfg.dec_dim)
         self.identity_head = IdentityOutput(cfg.vit_width, cfg.embed_dim)
         self.layer_attention_off = set()       # task heads that see only the layer-12 memory in stage 2
         self.attention_impl = "auto"           # cross-attention path: auto | ref | fused
@@ -350,8 +353,8 @@ class Faceptor(nn.Module):
             if kind == "landmarks":
                 return {"heatmap": logits, "coords": ops.heatmap_to_coords(logits)}
             if kind == "visibility":            # landmark tokens that also say whether their point is occluded
-                return {**value_readout(kind, self.value_head(tokens)),                 # [B, N_t]
-                        "heatmap": logits, "coords": ops.heatmap_to_coords(logits)}
+                occluded = self.value_head(tokens) + self.point_head(logits, pixel)     # [B, N_t]
+                return {**value_readout(kind, occluded), "heatmap": logits, "coords": ops.heatmap_to_coords(logits)}
             return {"logits": F.interpolate(logits, size=size, mode="bilinear", align_corners=False)}
         logits = self.value_head(tokens)                                                # [B, N_t]
         return value_readout(kind, logits)

@@ -1,42 +1,28 @@
-"""torch.export of the all-head `Faceptor.predict` path with the registered ops (CPU, FaceptorConfig.tiny()).
+"""export.py: torch.export of the all-head `Faceptor.predict` path with the registered ops, and its ONNX form
+(CPU, FaceptorConfig.tiny()).
 
 One 512-px and one 112-px input, any batch size (one symbolic batch dimension shared by both); the exported program
 keeps faceptor::layer_attention and faceptor::heatmap_to_coords_fwd as single nodes and equals eager within 1e-5
-at batch sizes other than the one it was traced with.
+at batch sizes other than the one it was traced with. The ONNX graph (the ops replaced by their reference math)
+holds only standard operators and equals eager within 1e-5 too (skipped when onnx / onnxscript are not installed).
 """
 import pytest
 import torch
-import torch.nn as nn
 
-from model import Faceptor, FaceptorConfig
+import checkpoint
+import export
+from model import BASE_TASKS, Faceptor, FaceptorConfig
 from test_ops import assert_close_normwise, ext  # noqa: F401  (ext: the heatmap op, built once per session)
-
-
-class PredictAll(nn.Module):
-    """model.predict over every head as a module with tensor inputs and a flat {"task.key": tensor} output."""
-
-    def __init__(self, model: Faceptor):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images_512, images_112):
-        out = self.model.predict(images_512=images_512, images_112=images_112)
-        return {f"{t}.{k}": v for t, d in out.items() for k, v in d.items()}
 
 
 @pytest.fixture(scope="module")
 def exported(ext):  # noqa: F811
     torch.manual_seed(0)
-    model = Faceptor(FaceptorConfig.tiny(stage=2)).eval()
-    model.attention_impl = "fused"                                   # the decoder through faceptor::layer_attention
+    model = Faceptor(FaceptorConfig.tiny(stage=2, tasks=BASE_TASKS + ("cofw_visibility", "300wlp")))
     with torch.no_grad():
         for q in model.queries.values():
             q.level.normal_()
-    cfg, wrapper = model.cfg, PredictAll(model)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    example = (torch.randn(2, 3, cfg.size_512, cfg.size_512), torch.randn(2, 3, cfg.size_112, cfg.size_112))
-    program = torch.export.export(wrapper, example, dynamic_shapes=({0: batch}, {0: batch}))
-    return wrapper, program
+    return export.export_predict(model, batch=2)                      # the decoder through faceptor::layer_attention
 
 
 def test_export_keeps_the_registered_ops(exported):
@@ -63,3 +49,79 @@ def test_exported_program_checks_that_both_inputs_hold_the_same_faces(exported):
     cfg = exported[0].model.cfg
     with pytest.raises(Exception):
         program.module()(torch.randn(2, 3, cfg.size_512, cfg.size_512), torch.randn(3, 3, cfg.size_112, cfg.size_112))
+
+
+@pytest.fixture(scope="module")
+def onnx_file(exported, tmp_path_factory):
+    pytest.importorskip("onnx", reason=export.ONNX_HINT)
+    pytest.importorskip("onnxscript", reason=export.ONNX_HINT)
+    wrapper, program = exported
+    return export.to_onnx(wrapper, program, str(tmp_path_factory.mktemp("onnx") / "predict.onnx"))
+
+
+def test_onnx_graph_holds_only_standard_operators(onnx_file):
+    import onnx
+    graph = onnx.load(onnx_file)
+    onnx.checker.check_model(graph)
+    domains = {n.domain for n in graph.graph.node} | {f.domain for f in graph.functions}
+    assert not any("faceptor" in d for d in domains), domains
+    assert [i.name for i in graph.graph.input] == ["images_512", "images_112"]
+
+
+def test_onnx_equals_eager_at_another_batch_size(exported, onnx_file):
+    wrapper, _ = exported
+    x = wrapper.example_inputs(3, seed=5)
+    got = export.run_onnx(onnx_file, x, wrapper.input_names())
+    with torch.no_grad():
+        expected = wrapper(*x)
+    assert set(got) == set(expected) and any(k.endswith(".occluded") for k in expected)
+    for k, e in expected.items():
+        assert tuple(got[k].shape) == tuple(e.shape) and e.shape[0] == 3, k
+        assert_close_normwise(torch.from_numpy(got[k]), e, 1e-5, what=f"ONNX {k}")
+
+
+def test_onnx_without_its_packages_says_how_to_install_them(exported, monkeypatch, tmp_path):
+    real = export.importlib.util.find_spec
+    monkeypatch.setattr(export.importlib.util, "find_spec", lambda m: None if m == "onnxscript" else real(m))
+    with pytest.raises(ImportError, match="pip install onnx onnxscript"):
+        export.to_onnx(*exported, str(tmp_path / "x.onnx"))
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_decompositions_are_the_reference_math(ext):  # noqa: F811
+    """The ONNX path's replacements compute what the registered ops compute (the ops' own tests compare the ops
+    with the same reference functions on random inputs, with gradients)."""
+    g = torch.Generator().manual_seed(3)
+    q, lb = torch.randn(2, 4, 5, 8, generator=g), torch.randn(2, 4, 5, 3, generator=g)
+    kf, v = torch.randn(2, 4, 3, 6, 8, generator=g), torch.randn(2, 4, 3, 6, 8, generator=g)
+    kp = torch.randn(4, 6, 8, generator=g)
+    table = export.reference_decompositions()
+    la = table[torch.ops.faceptor.layer_attention.default](q, kf, kp, v, lb, False, 0, 0)
+    op = torch.ops.faceptor.layer_attention.default(q, kf, kp, v, lb, False, 0, 0)
+    assert_close_normwise(la[0], op[0], 1e-6, what="layer attention")
+    assert_close_normwise(la[1], op[1], 1e-6, what="log-sum-exp")
+    logits = torch.randn(2, 3, 7, 9, generator=g)
+    hm = table[torch.ops.faceptor.heatmap_to_coords_fwd.default](logits)
+    assert_close_normwise(hm[0], torch.ops.faceptor.heatmap_to_coords_fwd(logits)[0], 1e-6, what="coords")
+
+
+def test_cli_writes_a_program_that_loads_and_matches(tmp_path, ext):  # noqa: F811
+    torch.manual_seed(0)
+    cfg = FaceptorConfig.tiny(tasks=("300w", "morph2"), size_512=32, size_112=16)
+    path = str(tmp_path / "tiny.pt")
+    torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "model": Faceptor(cfg).state_dict(),
+                "model_config": cfg.to_dict(), "config": {"data": "folders"}, "stage": 1, "step": 0,
+                "kind": "faceptor", "preset": "tiny"}, path)
+    out = str(tmp_path / "predict.pt2")
+    assert export.main([path, "--out", out]) == 0
+    program = torch.export.load(out)
+    model = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(path))
+    x = (torch.randn(5, 3, 32, 32), torch.randn(5, 3, 16, 16))
+    got = program.module()(*x)
+    with torch.no_grad():
+        expected = model.predict(images_512=x[0], images_112=x[1])
+    for t, d in expected.items():
+        for k, e in d.items():
+            assert_close_normwise(got[f"{t}.{k}"], e, 1e-5, what=f"{t}.{k}")
+    with pytest.raises(SystemExit):
+        export.parse_args([path])                                         # nothing to write

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import losses
-from heads import POSE_SCALE_DEG, value_readout
+from heads import POSE_SCALE_DEG, PointOutput, value_readout
 from model import BASE_TASKS, FULL_TASKS, TASKS, Faceptor, FaceptorConfig, NaiveFaceptor
 
 NEW = ("300wlp", "cofw_visibility", "utkface_gender", "utkface_race", "fairface_gender", "fairface_race")
@@ -71,6 +71,39 @@ def test_visibility_tokens_learn_where_their_points_are():
     assert not torch.allclose(grads[0][0], grads[1][0])
 
 
+def test_point_output_reads_the_pixel_under_each_heatmap():
+    """A heatmap peaked at one pixel pools exactly that pixel's features; a flat one, their mean. The heatmap gets
+    no gradient (it is detached), the pixel features get it only where the heatmap looks."""
+    torch.manual_seed(0)
+    head = PointOutput(4)
+    assert head(torch.zeros(1, 2, 3, 3), torch.randn(1, 4, 3, 3)).abs().max() == 0      # zero-initialised
+    torch.nn.init.normal_(head.fc.weight)
+    torch.nn.init.normal_(head.fc.bias)
+    pixel = torch.randn(2, 4, 5, 6, requires_grad=True)
+    peaks = [[(0, 0), (4, 5)], [(2, 3), (1, 1)]]                                      # (y, x) per image and point
+    heatmap = torch.zeros(2, 3, 5, 6)                                                # point 2 flat
+    for b, pts in enumerate(peaks):
+        for n, (y, x) in enumerate(pts):
+            heatmap[b, n, y, x] = 60.0
+    heatmap.requires_grad_(True)
+    out = head(heatmap, pixel)
+    w, c = head.fc.weight[0], head.fc.bias[0]
+    for b, pts in enumerate(peaks):
+        for n, (y, x) in enumerate(pts):
+            assert torch.allclose(out[b, n], w @ pixel[b, :, y, x] + c, atol=1e-5)
+        assert torch.allclose(out[b, 2], w @ pixel[b].mean((1, 2)) + c, atol=1e-5)
+    out[:, :2].sum().backward()
+    assert heatmap.grad is None
+    touched = torch.zeros(2, 5, 6, dtype=torch.bool)
+    for b, pts in enumerate(peaks):
+        for y, x in pts:
+            touched[b, y, x] = True
+    g = pixel.grad.abs().sum(1)                                                       # [2, 5, 6]
+    assert (g[touched] > 0).all() and g[~touched].max() < 1e-12
+    with pytest.raises(ValueError, match="share B, h, w"):
+        head(torch.zeros(1, 2, 4, 4), torch.zeros(1, 4, 5, 5))
+
+
 def test_value_readout_by_hand():
     z = torch.tensor([[0.5, -1.0, 0.0]])
     assert value_readout("pose", z)["pose"].tolist() == [[45.0, -90.0, 0.0]]
@@ -94,14 +127,15 @@ def test_predict_equals_forward_tasks(stage):
 
 def test_old_heads_unchanged_by_new_heads():
     """A model with the new heads, given the weights of a Base-set model, predicts the old heads exactly as it does:
-    the new heads add only their own queries, and the one-pass decoder keeps each head's self-attention to itself."""
+    the new heads add only their own queries (and visibility's point read-out), and the one-pass decoder keeps each
+    head's self-attention to itself."""
     torch.manual_seed(0)
     base = Faceptor(FaceptorConfig.tiny(tasks=OLD)).eval()
     extended = Faceptor(FaceptorConfig.tiny(tasks=OLD + NEW)).eval()
     missing, unexpected = extended.load_state_dict(base.state_dict(), strict=False)
     assert not unexpected
-    assert all(k.startswith("queries.") for k in missing)
-    assert {k.split(".")[1] for k in missing} == set(NEW)
+    assert {k for k in missing if not k.startswith("queries.")} == {"point_head.fc.weight", "point_head.fc.bias"}
+    assert {k.split(".")[1] for k in missing if k.startswith("queries.")} == set(NEW)
     x512, x112 = _inputs(base.cfg)
     a = base.predict(images_512=x512, images_112=x112)
     b = extended.predict(images_512=x512, images_112=x112)
@@ -116,7 +150,10 @@ def test_new_heads_add_only_their_queries():
     grown = FaceptorConfig.tiny(tasks=OLD + NEW)
     n_queries = sum(TASKS[t].queries for t in NEW)
     added = n_queries * 2 * cfg.dec_dim + len(NEW) * cfg.levels * cfg.dec_dim     # content + position; L_t per head
+    added += cfg.dec_dim + 1                                                      # visibility's PointOutput, once
     assert count(Faceptor(grown)) - count(Faceptor(cfg)) == added
+    no_visibility = FaceptorConfig.tiny(tasks=OLD + tuple(t for t in NEW if TASKS[t].type != "visibility"))
+    assert not hasattr(Faceptor(no_visibility), "point_head")
 
 
 def test_new_heads_train_through_task_loss(model):
