@@ -8,11 +8,11 @@ Faceptor's output modules are shared by all task heads of a type (docs/design.md
   * `value_readout`: the output dict of every type read through `ValueOutput` (one value per task token).
 
 Task types beyond the paper read their tokens through the same `ValueOutput` (no new parameters but the queries,
-and visibility's `PointOutput`, C + 1 parameters):
+and visibility's `PointOutput`, 3 C_en + 1 parameters):
   * pose (3 tokens: yaw, pitch, roll): degrees = POSE_SCALE_DEG * value [ours: a fixed scale keeps the shared
     Linear's outputs near unit size, as for the other types];
   * visibility (one token per landmark): the logit that the point is occluded is the value plus `PointOutput`'s
-    read-out of the pixel features under the token's own heatmap; p = sigmoid [ours, the only type-specific module];
+    read-out of F^12 where the token's heatmap puts the point; p = sigmoid [ours, the only type-specific module];
   * gender, race: class logits, as for expression.
 
 Naive Faceptor (one head per task type, no sharing between types; docs/design.md section 5):
@@ -87,28 +87,29 @@ def value_readout(kind: str, logits: torch.Tensor) -> Dict[str, torch.Tensor]:
 
 
 class PointOutput(nn.Module):
-    """Linear(C -> 1) on the pixel features E_pixel pooled under each token's own heatmap [ours, visibility only].
+    """The encoder's last map F^12 read at each point's predicted position -> LayerNorm -> Linear(C_en -> 1)
+    [ours, visibility only].
 
-    a_n = softmax over pixels of the heatmap logits of token n (detached: where the point is, is the landmark loss's
-    business), f_n = sum_p a_n(p) E_pixel(p), value_n = w^T f_n + b. Zero-initialised, so a new visibility head
-    starts as the token-only read-out. It looks at what covers the point (the pixel features also serve parsing,
-    where occluders are background), which a token's one value cannot see well.
+    f_n = F^12 sampled bilinearly at coords_n (the soft-argmax of the token's own heatmap, detached: where the point
+    is, is the landmark loss's business), value_n = w^T LN(f_n) + b. Zero-initialised, so a new visibility head
+    starts as the token-only read-out. It sees what covers the point, which a token's one value does not.
     """
 
-    def __init__(self, dim: int = 256):
+    def __init__(self, width: int = 768):
         super().__init__()
-        self.fc = nn.Linear(dim, 1)
+        self.norm = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, 1)
         nn.init.zeros_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
 
-    def forward(self, heatmap: torch.Tensor, pixel: torch.Tensor) -> torch.Tensor:
-        """heatmap logits [B, N, h, w], E_pixel [B, C, h, w] -> [B, N]."""
-        if heatmap.shape[0] != pixel.shape[0] or heatmap.shape[-2:] != pixel.shape[-2:]:
-            raise ValueError(f"PointOutput: heatmap [B, N, h, w] and pixel features [B, C, h, w] must share B, h, w; "
-                             f"got {tuple(heatmap.shape)} and {tuple(pixel.shape)}")
-        a = torch.softmax(heatmap.detach().flatten(2).float(), -1).to(pixel.dtype)     # [B, N, hw]
-        f = torch.bmm(a, pixel.flatten(2).transpose(1, 2))                              # [B, N, C]
-        return self.fc(f).squeeze(-1)                                                   # [B, N]
+    def forward(self, feat: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """feat: F^12 [B, C_en, h, w]; coords [B, N, 2] normalised (x, y) in [0, 1] -> [B, N]."""
+        if coords.dim() != 3 or coords.shape[-1] != 2 or coords.shape[0] != feat.shape[0]:
+            raise ValueError(f"PointOutput: coords must be [B, N, 2] with the B of the features [B, C, h, w]; "
+                             f"got {tuple(coords.shape)} and {tuple(feat.shape)}")
+        grid = coords.detach().to(feat.dtype).unsqueeze(2) * 2 - 1                     # [B, N, 1, 2] in [-1, 1]
+        f = F.grid_sample(feat, grid, mode="bilinear", padding_mode="border", align_corners=False)  # [B, C, N, 1]
+        return self.fc(self.norm(f.squeeze(-1).transpose(1, 2))).squeeze(-1)           # [B, N]
 
 
 class IdentityOutput(nn.Module):

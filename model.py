@@ -305,7 +305,7 @@ class Faceptor(nn.Module):
         self.dense_head = DenseOutput(cfg.dec_dim)
         self.value_head = ValueOutput(cfg.dec_dim)
         if any(TASKS[t].type == "visibility" for t in cfg.tasks):                       # beyond the paper [ours]
-            self.point_head = PointOutput(cfg.dec_dim)
+            self.point_head = PointOutput(cfg.vit_width)
         self.identity_head = IdentityOutput(cfg.vit_width, cfg.embed_dim)
         self.layer_attention_off = set()       # task heads that see only the layer-12 memory in stage 2
         self.attention_impl = "auto"           # cross-attention path: auto | ref | fused
@@ -353,8 +353,9 @@ class Faceptor(nn.Module):
             if kind == "landmarks":
                 return {"heatmap": logits, "coords": ops.heatmap_to_coords(logits)}
             if kind == "visibility":            # landmark tokens that also say whether their point is occluded
-                occluded = self.value_head(tokens) + self.point_head(logits, pixel)     # [B, N_t]
-                return {**value_readout(kind, occluded), "heatmap": logits, "coords": ops.heatmap_to_coords(logits)}
+                coords = ops.heatmap_to_coords(logits)                                  # [B, N_t, 2]
+                occluded = self.value_head(tokens) + self.point_head(feats[-1], coords)  # [B, N_t]
+                return {**value_readout(kind, occluded), "heatmap": logits, "coords": coords}
             return {"logits": F.interpolate(logits, size=size, mode="bilinear", align_corners=False)}
         logits = self.value_head(tokens)                                                # [B, N_t]
         return value_readout(kind, logits)

@@ -71,37 +71,37 @@ def test_visibility_tokens_learn_where_their_points_are():
     assert not torch.allclose(grads[0][0], grads[1][0])
 
 
-def test_point_output_reads_the_pixel_under_each_heatmap():
-    """A heatmap peaked at one pixel pools exactly that pixel's features; a flat one, their mean. The heatmap gets
-    no gradient (it is detached), the pixel features get it only where the heatmap looks."""
+def test_point_output_reads_the_encoder_map_where_the_points_are():
+    """A point at a pixel centre reads exactly that pixel of F^12 (through LayerNorm and the Linear); one halfway
+    between two pixels reads their mean. The coordinates get no gradient (detached), the map only where it is read."""
     torch.manual_seed(0)
     head = PointOutput(4)
-    assert head(torch.zeros(1, 2, 3, 3), torch.randn(1, 4, 3, 3)).abs().max() == 0      # zero-initialised
-    torch.nn.init.normal_(head.fc.weight)
-    torch.nn.init.normal_(head.fc.bias)
-    pixel = torch.randn(2, 4, 5, 6, requires_grad=True)
-    peaks = [[(0, 0), (4, 5)], [(2, 3), (1, 1)]]                                      # (y, x) per image and point
-    heatmap = torch.zeros(2, 3, 5, 6)                                                # point 2 flat
-    for b, pts in enumerate(peaks):
+    assert head(torch.randn(1, 4, 3, 3), torch.rand(1, 2, 2)).abs().max() == 0           # zero-initialised
+    for p in (head.fc.weight, head.fc.bias, head.norm.weight, head.norm.bias):
+        torch.nn.init.normal_(p)
+    H, W = 5, 6
+    feat = torch.randn(2, 4, H, W, requires_grad=True)
+    pixels = [[(0, 0), (4, 5)], [(2, 3), (1, 1)]]                                     # (y, x) per image and point
+    coords = torch.tensor([[[(x + 0.5) / W, (y + 0.5) / H] for y, x in pts] for pts in pixels])
+    coords = torch.cat([coords, torch.tensor([[[1.0 / W, 0.5 / H]]] * 2)], 1)         # point 2: between x 0 and 1
+    coords.requires_grad_(True)
+    out = head(feat, coords)
+    ln = torch.nn.functional.layer_norm
+    read = lambda f: head.fc(ln(f, (4,), head.norm.weight, head.norm.bias))[0]      # noqa: E731
+    for b, pts in enumerate(pixels):
         for n, (y, x) in enumerate(pts):
-            heatmap[b, n, y, x] = 60.0
-    heatmap.requires_grad_(True)
-    out = head(heatmap, pixel)
-    w, c = head.fc.weight[0], head.fc.bias[0]
-    for b, pts in enumerate(peaks):
-        for n, (y, x) in enumerate(pts):
-            assert torch.allclose(out[b, n], w @ pixel[b, :, y, x] + c, atol=1e-5)
-        assert torch.allclose(out[b, 2], w @ pixel[b].mean((1, 2)) + c, atol=1e-5)
+            assert torch.allclose(out[b, n], read(feat[b, :, y, x]), atol=1e-5)
+        assert torch.allclose(out[b, 2], read(feat[b, :, 0, :2].mean(-1)), atol=1e-5)
     out[:, :2].sum().backward()
-    assert heatmap.grad is None
-    touched = torch.zeros(2, 5, 6, dtype=torch.bool)
-    for b, pts in enumerate(peaks):
+    assert coords.grad is None
+    touched = torch.zeros(2, H, W, dtype=torch.bool)
+    for b, pts in enumerate(pixels):
         for y, x in pts:
             touched[b, y, x] = True
-    g = pixel.grad.abs().sum(1)                                                       # [2, 5, 6]
-    assert (g[touched] > 0).all() and g[~touched].max() < 1e-12
-    with pytest.raises(ValueError, match="share B, h, w"):
-        head(torch.zeros(1, 2, 4, 4), torch.zeros(1, 4, 5, 5))
+    g = feat.grad.abs().sum(1)                                                        # [2, H, W]
+    assert (g[touched] > 0.1).all() and g[~touched].max() < 1e-5                      # rounding of the centres
+    with pytest.raises(ValueError, match=r"\[B, N, 2\]"):
+        head(torch.zeros(1, 4, 5, 5), torch.zeros(1, 3))
 
 
 def test_value_readout_by_hand():
@@ -134,7 +134,8 @@ def test_old_heads_unchanged_by_new_heads():
     extended = Faceptor(FaceptorConfig.tiny(tasks=OLD + NEW)).eval()
     missing, unexpected = extended.load_state_dict(base.state_dict(), strict=False)
     assert not unexpected
-    assert {k for k in missing if not k.startswith("queries.")} == {"point_head.fc.weight", "point_head.fc.bias"}
+    assert {k for k in missing if not k.startswith("queries.")} == {f"point_head.{m}.{p}" for m in ("norm", "fc")
+                                                                    for p in ("weight", "bias")}
     assert {k.split(".")[1] for k in missing if k.startswith("queries.")} == set(NEW)
     x512, x112 = _inputs(base.cfg)
     a = base.predict(images_512=x512, images_112=x112)
@@ -150,7 +151,7 @@ def test_new_heads_add_only_their_queries():
     grown = FaceptorConfig.tiny(tasks=OLD + NEW)
     n_queries = sum(TASKS[t].queries for t in NEW)
     added = n_queries * 2 * cfg.dec_dim + len(NEW) * cfg.levels * cfg.dec_dim     # content + position; L_t per head
-    added += cfg.dec_dim + 1                                                      # visibility's PointOutput, once
+    added += 3 * cfg.vit_width + 1                                                # visibility's PointOutput, once
     assert count(Faceptor(grown)) - count(Faceptor(cfg)) == added
     no_visibility = FaceptorConfig.tiny(tasks=OLD + tuple(t for t in NEW if TASKS[t].type != "visibility"))
     assert not hasattr(Faceptor(no_visibility), "point_head")
@@ -184,3 +185,25 @@ def test_naive_faceptor_runs_new_heads():
         assert set(out[t]) == EXPECTED_KEYS[TASKS[t].type] - {"heatmap", "coords"}
         assert out[t]["logits"].shape == (2, TASKS[t].queries)
     assert {"pose", "visibility", "gender", "race"} <= set(m.heads)
+
+
+def test_visibility_checkpoints_from_before_the_point_read_out_still_load():
+    """A checkpoint without point_head.* loads with the module's zero initialisation, i.e. exactly its own
+    token-only read-out; any other missing key is still refused."""
+    import checkpoint
+    torch.manual_seed(0)
+    cfg = FaceptorConfig.tiny(tasks=("300w", "cofw_visibility"))
+    model = Faceptor(cfg).eval()
+    torch.nn.init.normal_(model.point_head.fc.weight)
+    old = {k: v for k, v in model.state_dict().items() if not k.startswith("point_head.")}
+    ckpt = {"model": old, "model_config": cfg.to_dict(), "stage": 1, "kind": "faceptor"}
+    loaded = checkpoint.model_from_checkpoint(ckpt)
+    x512, _ = _inputs(cfg)
+    with torch.no_grad():
+        out = loaded(x512, "cofw_visibility")
+        model.point_head.fc.weight.zero_()
+        expected = model(x512, "cofw_visibility")
+    _close(out["logits"], expected["logits"], 1e-6, "token-only logits")
+    del old["value_head.fc.bias"]
+    with pytest.raises(checkpoint.CheckpointError, match="value_head.fc.bias"):
+        checkpoint.model_from_checkpoint({**ckpt, "model": old})
