@@ -413,11 +413,12 @@ def section_compile(args):
     """torch.compile vs eager on CPU: the demo training step (fwd + bwd) and the demo model's all-head predict."""
     import losses
     import train
+    import train_config
     from bench_train import synthetic_batches, training_setup
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = train.PRESETS["demo"]
-    mcfg = train.model_config(cfg, stage=1)
+    mcfg = train_config.model_config(cfg, stage=1)
     heads = {h: [args.batch, a] for h, (_n, a) in cfg.heads.items()}
     model, step, weights = training_setup(mcfg, heads, "cpu", identities=cfg.synthetic_identities)
     batches = synthetic_batches(heads, mcfg, "cpu", identities=cfg.synthetic_identities)

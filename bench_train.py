@@ -58,11 +58,13 @@ def _train_setup(cfg, rank, world):
     """The default run's model, CosFace, composer and optimiser, built as train.py builds them (stage 1)."""
     import losses
     import train
+    import train_config
+    import train_start
     from data.composer import MultiTaskComposer
-    mcfg = train.model_config(cfg, 1)
+    mcfg = train_config.model_config(cfg, 1)
     torch.manual_seed(cfg.seed)
     model = Faceptor(mcfg)
-    train.init_readout(model, cfg.readout_offset)
+    train_start.init_readout(model, cfg.readout_offset)
     datasets = {h: train.synthetic_dataset(h, cfg, mcfg) for h in cfg.heads}
     composer = MultiTaskComposer([(h, datasets[h], int(v[0])) for h, v in cfg.heads.items()], seed=cfg.seed,
                                  rank=rank, world_size=world, fixed_partition=train.cached_synthetic(cfg))

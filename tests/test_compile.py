@@ -14,6 +14,7 @@ import torch
 
 import ops
 import train
+import train_config
 from bench_train import synthetic_batches, training_setup
 from model import Faceptor, FaceptorConfig
 from test_ops import assert_close_normwise
@@ -103,7 +104,7 @@ def demo_step_inputs(batch=2, names=("300w", "celeba")):
     kernels for inductor to build than all six, the same layers."""
     cfg = train.PRESETS["demo"]
     heads = {h: [batch, cfg.heads[h][1]] for h in names}
-    mcfg = train.model_config(dataclasses.replace(cfg, heads=heads), stage=1)
+    mcfg = train_config.model_config(dataclasses.replace(cfg, heads=heads), stage=1)
     return mcfg, heads
 
 

@@ -15,6 +15,7 @@ sys.path.insert(0, ROOT)
 import evaluate  # noqa: E402
 import checkpoint  # noqa: E402
 import train  # noqa: E402
+import train_config  # noqa: E402
 
 SYNTHETIC_KEYS = ("nme", "nme_baseline", "parsing_f1", "parsing_f1_baseline", "age_mae", "age_mae_baseline",
                   "expression_acc", "expression_acc_baseline", "attribute_macc", "attribute_macc_baseline",
@@ -104,7 +105,7 @@ def test_predict_cli(default_run, tmp_path):
     assert set(r["affectnet"]["probs"]) == {"neutral", "happiness", "sadness", "surprise", "fear", "disgust", "anger"}
     assert len(r["celeba"]["probs"]) == 40
     emb = np.load(r["ms1mv3"]["embedding"])
-    assert emb.shape == (train.model_config(train.PRESETS["demo"], 1).embed_dim,)   # the demo model's embedding
+    assert emb.shape == (train_config.model_config(train.PRESETS["demo"], 1).embed_dim,)   # the demo model's embedding
     assert abs(np.linalg.norm(emb) - 1) < 1e-4
     assert Image.open(tmp_path / "pred" / "face_prediction.png").size == (200, 160)
 

@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 
 from decoder import CrossAttentionLayer, QueryGroup, SelfAttentionLayer, sine_code
-from model import (BASE_TASKS, FULL_TASKS, TASKS, Faceptor, FaceptorConfig, NaiveFaceptor, QuickGELU, init_stage2,
+from encoder import QuickGELU
+from model import (BASE_TASKS, FULL_TASKS, TASKS, Faceptor, FaceptorConfig, NaiveFaceptor, init_stage2,
                    stage2_parameters)
 
 

@@ -21,6 +21,7 @@ sys.path.insert(0, ROOT)
 import checkpoint  # noqa: E402
 from model import TASKS, Faceptor, FaceptorConfig, build_model  # noqa: E402
 import train  # noqa: E402
+import train_start  # noqa: E402
 
 SMALL = ["--batch-scale", "0.125", "--synthetic-length", "2000", "--log-every", "1", "--no-eval", "--seed", "7"]
 STEPS = 6
@@ -301,7 +302,7 @@ def test_init_readout_offsets_every_heatmap_logit():
     model = Faceptor(FaceptorConfig.tiny()).eval()
     x = torch.randn(2, 3, 64, 64)
     before = model(x, "300w")["heatmap"]
-    train.init_readout(model, -6.0)
+    train_start.init_readout(model, -6.0)
     after = model(x, "300w")["heatmap"]
     shift = (after - before).mean().item()
     assert abs(shift - (-6.0)) < 1.5, f"mean shift {shift:.2f}, expected about -6"

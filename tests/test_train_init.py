@@ -20,6 +20,7 @@ sys.path.insert(0, ROOT)
 
 import checkpoint  # noqa: E402
 import train  # noqa: E402
+import train_config  # noqa: E402
 from model import TASKS, build_model  # noqa: E402
 
 IDS = 40                                              # synthetic identities: the CosFace classifier's rows
@@ -62,7 +63,7 @@ def to_official(sd: dict, cosface: dict) -> dict:
 
 def demo_model(seed: int):
     torch.manual_seed(seed)
-    return build_model("faceptor", train.model_config(train.PRESETS["demo"], 1))
+    return build_model("faceptor", train_config.model_config(train.PRESETS["demo"], 1))
 
 
 def run_train(args):
@@ -85,7 +86,7 @@ def official(tmp_path_factory):
     """(path of a full authors'-format checkpoint, path of one without the affectnet head, source weights)."""
     root = tmp_path_factory.mktemp("official")
     src = demo_model(seed=123).state_dict()
-    classifier = torch.randn(IDS, train.model_config(train.PRESETS["demo"], 1).embed_dim)
+    classifier = torch.randn(IDS, train_config.model_config(train.PRESETS["demo"], 1).embed_dim)
     full = to_official(src, {"ms1mv3": classifier})
     torch.save({"state_dict": full}, root / "full.pth")
     cut = {k: v for k, v in full.items() if ".affect_affectnet." not in k}
@@ -131,7 +132,7 @@ def test_load_official_names_shape_mismatch_and_wrong_kind(official):
     sd["module.heads_module.decoder.query_feat.align_300w.weight"] = torch.zeros(3, 3)
     with pytest.raises(ValueError, match=r"queries\.300w\.content: checkpoint \(3, 3\)"):
         checkpoint.load_official(demo_model(0), {"state_dict": sd})
-    naive = build_model("naive", train.model_config(train.PRESETS["demo"], 1))
+    naive = build_model("naive", train_config.model_config(train.PRESETS["demo"], 1))
     with pytest.raises(ValueError, match="a faceptor checkpoint, but the model is naive"):
         checkpoint.load_official(naive, full)
 
@@ -160,7 +161,7 @@ def test_init_farl_loads_the_encoder(tmp_path):
 def test_frozen_parts_run_in_eval_mode():
     for tune, stage in (("decoder", 1), ("prompt", 1), (None, 2)):
         cfg = train.PRESETS["demo"]
-        model = build_model("faceptor", train.model_config(cfg, stage))
+        model = build_model("faceptor", train_config.model_config(cfg, stage))
         train.trainable_parameters(model, cfg, stage, tune, "300w")
         train.set_train_mode(model)
         drop_paths = [m for m in model.encoder.modules() if type(m).__name__ == "DropPath"]
@@ -170,7 +171,7 @@ def test_frozen_parts_run_in_eval_mode():
         bn = [m for m in model.identity_head.modules() if isinstance(m, torch.nn.BatchNorm1d)]
         assert bn and all(m.training == (tune == "decoder") for m in bn), (tune, stage)
         assert model.queries["300w"].training
-    model = build_model("faceptor", train.model_config(cfg, 1))               # stage 1: everything trains
+    model = build_model("faceptor", train_config.model_config(cfg, 1))               # stage 1: everything trains
     train.trainable_parameters(model, cfg, 1, None, None)
     train.set_train_mode(model)
     assert all(m.training for m in model.encoder.modules() if type(m).__name__ == "DropPath")
@@ -224,3 +225,19 @@ def test_tune_on_synthetic_preset_uses_the_synthetic_transfer_sets(stage1):
     proc = run_train(["--tune", "prompt", "--dataset", "lfw73", "--from", str(stage1 / "s1"), "--max-steps", "1",
                       "--out-dir", str(stage1 / "x")] + QUICK)
     assert proc.returncode != 0 and "--data-root" in proc.stderr and "lfw73" in proc.stderr
+
+
+def test_transfer_to_a_visibility_head_adds_its_point_read_out():
+    """--tune onto a visibility dataset: the stage-1 model has neither its queries nor PointOutput; both may be
+    missing from the checkpoint, nothing else may."""
+    import train_start
+    from model import FaceptorConfig
+    torch.manual_seed(0)
+    old = build_model("faceptor", FaceptorConfig.tiny(tasks=("300w", "morph2"))).state_dict()
+    model = build_model("faceptor", FaceptorConfig.tiny(tasks=("300w", "morph2", "cofw_visibility")))
+    train_start.load_start(model, {"model": old}, 1, "cofw_visibility", "stage1.pt")
+    assert torch.equal(model.encoder.conv1.weight, old["encoder.conv1.weight"])
+    assert model.point_head.fc.weight.abs().sum() == 0
+    del old["value_head.fc.bias"]
+    with pytest.raises(SystemExit, match="value_head.fc.bias"):
+        train_start.load_start(model, {"model": old}, 1, "cofw_visibility", "stage1.pt")
