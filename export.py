@@ -4,7 +4,8 @@
     python export.py out/demo --onnx out/demo/predict.onnx                # ONNX (pip install onnx onnxscript)
     python export.py checkpoint_rank0_iter_50000.pth.tar --out base.pt2   # the authors' checkpoints as well
 
-The exported function is `PredictAll`: model.predict over every head of the checkpoint, one decoder pass.
+The exported function is `PredictAll`: model.predict over every head of the checkpoint, one decoder pass (Naive
+Faceptor, which has no joint pass: its heads one after the other).
   inputs   images_512 [B, 3, S_512, S_512] and images_112 [B, 3, S_112, S_112] (only the sizes the heads need, in
            that order), the same B faces, normalised as in training (data.composer.normalize_images); B is free
            (1 to 4096) and shared by both inputs;
@@ -38,8 +39,8 @@ ONNX_HINT = "ONNX export needs the onnx and onnxscript packages: pip install onn
 
 
 class PredictAll(nn.Module):
-    """model.predict over every head, as a module with tensor inputs (one per input size, 512 first) and a flat
-    {"task.key": tensor} output."""
+    """model.predict over every head (Naive Faceptor: every head's forward), as a module with tensor inputs (one per
+    input size, 512 first) and a flat {"task.key": tensor} output."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -49,7 +50,11 @@ class PredictAll(nn.Module):
     def forward(self, *images: torch.Tensor) -> Dict[str, torch.Tensor]:
         if len(images) != len(self.sizes):
             raise ValueError(f"PredictAll: expected the inputs {self.input_names()}, got {len(images)} tensor(s)")
-        out = self.model.predict(**{f"images_{s}": x for s, x in zip(self.sizes, images)})
+        by_size = dict(zip(self.sizes, images))
+        if hasattr(self.model, "predict"):                  # Faceptor: encoder once per size, one decoder pass
+            out = self.model.predict(**{f"images_{s}": x for s, x in by_size.items()})
+        else:                                               # Naive Faceptor: one head after the other
+            out = {t: self.model(by_size[TASKS[t].size], t) for t in self.model.cfg.tasks}
         return {f"{t}.{k}": v for t, d in out.items() for k, v in d.items()}
 
     def example_inputs(self, batch: int, seed: int = 0) -> tuple:

@@ -11,7 +11,7 @@ import torch
 
 import checkpoint
 import export
-from model import BASE_TASKS, Faceptor, FaceptorConfig
+from model import BASE_TASKS, TASKS, Faceptor, FaceptorConfig, NaiveFaceptor
 from test_ops import assert_close_normwise, ext  # noqa: F401  (ext: the heatmap op, built once per session)
 
 
@@ -42,6 +42,20 @@ def test_exported_equals_eager_at_other_batch_sizes(exported, batch):
     for k in expected:
         assert got[k].shape == expected[k].shape and got[k].shape[0] == batch, k
         assert_close_normwise(got[k], expected[k], 1e-5, what=f"exported {k}")
+
+
+def test_naive_faceptor_exports_head_by_head():
+    torch.manual_seed(0)
+    model = NaiveFaceptor(FaceptorConfig.tiny(tasks=("300w", "celebamask_hq", "morph2", "ms1mv3")))
+    wrapper, program = export.export_predict(model)
+    x = wrapper.example_inputs(3, seed=2)
+    with torch.no_grad():
+        expected = {t: model(x[0] if TASKS[t].size == 512 else x[1], t) for t in model.cfg.tasks}
+    got = program.module()(*x)
+    assert set(got) == {f"{t}.{k}" for t, d in expected.items() for k in d}
+    for t, d in expected.items():
+        for k, e in d.items():
+            assert_close_normwise(got[f"{t}.{k}"], e, 1e-5, what=f"naive {t}.{k}")
 
 
 def test_exported_program_checks_that_both_inputs_hold_the_same_faces(exported):
