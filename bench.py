@@ -53,7 +53,7 @@ import torch.nn as nn
 import decoder
 import ops
 from bench_data import add_parser as add_loaders_parser, section_loaders
-from bench_train import section_train
+from bench_train import cpu_time, section_compile, section_train
 from data.dataset_io import decode_image
 from data.recordio import RecordIOReader, pack_irheader, unpack_irheader, write_recordio
 from data.synthetic import SyntheticFaces
@@ -63,19 +63,6 @@ from model import TASKS, Faceptor, FaceptorConfig
 ATTN_112 = (101, 40, 7)       # age, attributes, expression
 ATTN_512 = (19, 68)           # parsing, landmarks
 D, HEADS, LEVELS = 256, 8, 6
-
-
-def cpu_time(fns, reps):
-    """{path: fn} -> {path: median ms}. The paths are interleaved rep by rep, so a busy machine slows them alike."""
-    ts = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()                                                          # warm-up (allocations, lazy init)
-    for _ in range(reps):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            ts[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) * 1e3 for k, v in ts.items()}
 
 
 def gpu_time(fns, reps):
@@ -400,60 +387,6 @@ def section_pipeline(args):
     print(f"  MTCNN alone, 640x480, median of {args.repeats}: {statistics.median(times) * 1000:.1f} ms wall "
           f"(min {min(times) * 1000:.1f} ms), {statistics.median(cpu) * 1000:.1f} ms CPU time of this process")
     print(f"  load average during the run: {os.getloadavg()[0]:.1f} (1 min) on {os.cpu_count()} CPUs")
-
-
-def _tensors(out):
-    """(loss, grads) of a training step or {task: {key: tensor}} of predict -> a flat list of tensors."""
-    if isinstance(out, tuple):
-        return [out[0], *(g for g in out[1] if g is not None)]
-    return [v for d in out.values() for v in d.values()]
-
-
-def section_compile(args):
-    """torch.compile vs eager on CPU: the demo training step (fwd + bwd) and the demo model's all-head predict."""
-    import losses
-    import train
-    import train_config
-    from bench_train import synthetic_batches, training_setup
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    cfg = train.PRESETS["demo"]
-    mcfg = train_config.model_config(cfg, stage=1)
-    heads = {h: [args.batch, a] for h, (_n, a) in cfg.heads.items()}
-    model, step, weights = training_setup(mcfg, heads, "cpu", identities=cfg.synthetic_identities)
-    batches = synthetic_batches(heads, mcfg, "cpu", identities=cfg.synthetic_identities)
-    params = [p for p in step.parameters() if p.requires_grad]
-    compiled_step = torch.compile(step)
-
-    def train_step(fn):
-        def call():
-            loss = losses.multitask_loss(fn(batches), weights)                        # Eq. (8)
-            return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)   # L_t: unused in stage 1
-        return call
-
-    model.eval()
-    x512 = torch.randn(args.batch, 3, mcfg.size_512, mcfg.size_512)
-    x112 = torch.randn(args.batch, 3, mcfg.size_112, mcfg.size_112)
-    compiled_predict = torch.compile(model.predict)
-
-    def predict(fn):
-        return lambda: fn(images_512=x512, images_112=x112)
-
-    print(f"demo model, {args.threads} threads, batch {args.batch} per head, fp32, median of {args.reps} "
-          f"(eager and compiled alternate)")
-    for name, eager, comp, train_mode in (("training step (fwd+bwd)", train_step(step), train_step(compiled_step),
-                                           True), ("predict (all heads)", predict(model.predict),
-                                                   predict(compiled_predict), False)):
-        model.train(train_mode)
-        t0 = time.perf_counter()
-        c_out = comp()                                                                # compiles
-        t_compile = time.perf_counter() - t0
-        e_out = eager()
-        err = max((a - b).abs().max().item() for a, b in zip(_tensors(c_out), _tensors(e_out)))
-        times = cpu_time({"eager": eager, "compiled": comp}, args.reps)
-        print(f"  {name:<26s} eager {times['eager']:8.1f} ms  compiled {times['compiled']:8.1f} ms  "
-              f"eager/compiled {times['eager'] / times['compiled']:5.2f}x  (first call incl. compile "
-              f"{t_compile:5.1f} s, max abs difference {err:.1e})")
 
 
 def main():
