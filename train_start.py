@@ -38,7 +38,6 @@ def init_readout(model: nn.Module, offset: float):
         model.dense_head.layers[-1].bias[0] = offset
 
 
-
 def find_resume(args, cfg: TrainConfig, stage: int):
     """(path, checkpoint) of --resume, or (None, None)."""
     if not args.resume:
