@@ -68,7 +68,7 @@ def _train_setup(cfg, rank, world):
     train_start.init_readout(model, cfg.readout_offset)
     datasets = {h: train.synthetic_dataset(h, cfg, mcfg) for h in cfg.heads}
     composer = MultiTaskComposer([(h, datasets[h], int(v[0])) for h, v in cfg.heads.items()], seed=cfg.seed,
-                                 rank=rank, world_size=world, fixed_partition=train.cached_synthetic(cfg))
+                                 rank=rank, world_size=world, fixed_partition=train_config.cached_synthetic(cfg))
     cosface = losses.CosFace(mcfg.embed_dim, cfg.synthetic_identities)
     unused = ("encoder.ln_post.", "encoder.proj")
     params = [p for n, p in model.named_parameters() if not n.startswith(unused)] + list(cosface.parameters())
@@ -236,11 +236,10 @@ def _tensors(out):
 def section_compile(args):
     """torch.compile vs eager on CPU: the demo training step (fwd + bwd) and the demo model's all-head predict."""
     import losses
-    import train
     import train_config
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = train.PRESETS["demo"]
+    cfg = train_config.PRESETS["demo"]
     mcfg = train_config.model_config(cfg, stage=1)
     heads = {h: [args.batch, a] for h, (_n, a) in cfg.heads.items()}
     model, step, weights = training_setup(mcfg, heads, "cpu", identities=cfg.synthetic_identities)

@@ -308,15 +308,20 @@ def load_checkpoint(path: str) -> dict:
     return ckpt
 
 
+def initialised_by_model(key: str, stage: int) -> bool:
+    """Whether a checkpoint of ours may lack parameter `key` because the model sets it itself: the new projections
+    of stage 2 (model.init_stage2) and the visibility point read-out (heads.PointOutput, zero-initialised, i.e.
+    exactly the read-out of a checkpoint written before it)."""
+    return (stage == 2 and re.match(r"projection\.convs\.[1-9]\d*\.", key) is not None) or \
+        key.startswith("point_head.")
+
+
 def model_from_checkpoint(ckpt: dict, stage: int | None = None) -> nn.Module:
     """The model of a checkpoint (eval mode). stage=2 on a stage-1 checkpoint builds the stage-2 model."""
     mcfg = FaceptorConfig(**{**ckpt["model_config"], "stage": stage or ckpt["stage"]})
     model = build_model(ckpt["kind"], mcfg)
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-    allowed = [k for k in missing if re.match(r"projection\.convs\.[1-9]\d*\.", k)] if mcfg.stage == 2 else []
-    # visibility checkpoints from before heads.PointOutput: its zero initialisation is exactly their read-out
-    allowed += [k for k in missing if k.startswith("point_head.")]
-    bad_missing = [k for k in missing if k not in allowed]
+    bad_missing = [k for k in missing if not initialised_by_model(k, mcfg.stage)]
     if bad_missing or unexpected:
         raise CheckpointError(f"checkpoint does not fit its model: missing {bad_missing[:5]}, "
                               f"unexpected {list(unexpected)[:5]}")

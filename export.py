@@ -109,8 +109,7 @@ def to_onnx(wrapper: PredictAll, program, path: str):
     left = sorted({str(n.target) for n in plain.graph.nodes if str(n.target).startswith("faceptor.")})
     if left:
         raise RuntimeError(f"to_onnx: ops without an ONNX form remain in the graph: {left}")
-    with torch.no_grad():
-        names = list(wrapper(*wrapper.example_inputs(1)).keys())
+    names = list(plain.call_spec.out_spec.context)         # the "task.key" names, in output order
     for noisy in ("onnxscript", "torch.onnx"):           # per-node notes of the converter and its optimiser
         logging.getLogger(noisy).setLevel(logging.ERROR)
     with warnings.catch_warnings():
@@ -124,16 +123,16 @@ def to_onnx(wrapper: PredictAll, program, path: str):
 def run_onnx(path: str, inputs: tuple, input_names: List[str]) -> dict:
     """Outputs {name: numpy array} of the ONNX file at `path` (onnxruntime when installed, else onnx's reference
     evaluator)."""
-    import onnx
     feeds = {n: x.numpy() for n, x in zip(input_names, inputs)}
-    names = [o.name for o in onnx.load(path).graph.output]
     try:
         import onnxruntime
-        results = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).run(names, feeds)
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
     except ImportError:
         from onnx.reference import ReferenceEvaluator
-        results = ReferenceEvaluator(path).run(names, feeds)
-    return dict(zip(names, results))
+        session = ReferenceEvaluator(path)
+        names = list(session.output_names)
+    return dict(zip(names, session.run(names, feeds)))
 
 
 def max_difference(got: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor]) -> tuple:

@@ -18,7 +18,8 @@ import re
 import torch
 import torch.nn as nn
 
-from checkpoint import CheckpointError, checkpoints, load_checkpoint, load_farl, load_official, resolve_checkpoint
+from checkpoint import (CheckpointError, checkpoints, initialised_by_model, load_checkpoint, load_farl, load_official,
+                        resolve_checkpoint)
 from model import TASKS, Faceptor, FaceptorConfig, build_model, init_stage2
 from train_config import TrainConfig, model_config
 from train_run import cosface_weights
@@ -71,10 +72,8 @@ def find_start(args, cfg: TrainConfig, stage: int):
 def load_start(model: nn.Module, ckpt: dict, stage: int, new_head: str | None, path: str):
     """Our stage-1 weights into a stage-2 or transfer model: strict except the new projections / the new head."""
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-    allowed = (r"projection\.convs\.[1-9]\d*\." if stage == 2 else "$^",
-               rf"(queries\.{new_head}\.|.*\.{new_head}\.)" if new_head else "$^",
-               r"point_head\.")           # zero-initialised: a new visibility head, or a checkpoint from before it
-    bad = [k for k in missing if not any(re.match(a, k) for a in allowed)]
+    new = rf"(queries\.{new_head}\.|.*\.{new_head}\.)" if new_head else "$^"
+    bad = [k for k in missing if not (initialised_by_model(k, stage) or re.match(new, k))]
     if bad or unexpected:
         raise SystemExit(f"--from {path}: the checkpoint does not fit: missing {bad}, unexpected {unexpected}")
     if stage == 2:

@@ -12,6 +12,7 @@ import torch
 import checkpoint
 import export
 from model import BASE_TASKS, TASKS, Faceptor, FaceptorConfig, NaiveFaceptor
+from test_evaluate_cli import tiny_checkpoint
 from test_ops import assert_close_normwise, ext  # noqa: F401  (ext: the heatmap op, built once per session)
 
 
@@ -120,12 +121,7 @@ def test_decompositions_are_the_reference_math(ext):  # noqa: F811
 
 
 def test_cli_writes_a_program_that_loads_and_matches(tmp_path, ext):  # noqa: F811
-    torch.manual_seed(0)
-    cfg = FaceptorConfig.tiny(tasks=("300w", "morph2"), size_512=32, size_112=16)
-    path = str(tmp_path / "tiny.pt")
-    torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "model": Faceptor(cfg).state_dict(),
-                "model_config": cfg.to_dict(), "config": {"data": "folders"}, "stage": 1, "step": 0,
-                "kind": "faceptor", "preset": "tiny"}, path)
+    path = tiny_checkpoint(tmp_path / "tiny.pt", ("300w", "morph2"))              # 32-px and 16-px inputs
     out = str(tmp_path / "predict.pt2")
     assert export.main([path, "--out", out]) == 0
     program = torch.export.load(out)
