@@ -187,7 +187,7 @@ def evaluate_benchmarks(model, root: str, batch_size: int = 32, device="cpu", nu
 
 _TABLE_COLUMNS = {"landmarks": ("nme", "auc@0.1", "fr@0.1"), "parsing": ("f1_mean",), "age": ("mae",),
                   "expression": ("accuracy",), "attributes": ("mean_accuracy",), "verification": ("accuracy", "std"),
-                  "pose": ("mean", "yaw", "pitch", "roll"), "visibility": ("recall@p80",), "gender": ("accuracy",),
+                  "pose": ("mean", "yaw", "pitch", "roll"), "visibility": ("recall@p80", "auc"), "gender": ("accuracy",),
                   "race": ("accuracy",)}
 _DEGREES_OR_YEARS = {"age": ("mae",), "pose": ("mean", "yaw", "pitch", "roll")}
 

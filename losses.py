@@ -26,7 +26,7 @@ Task types beyond the paper (ours; no equation numbers):
   labelled -1 (unknown) are ignored; mean over the known points. Its tokens are landmark tokens too (the model
   reads a heatmap from them): when the batch carries the points' positions, the landmark loss (eq. (9)-(10) as
   above) is added, so each token learns where its point is and the occlusion logit is read at that point.
-  Without it the tokens found the occluded points barely better than chance on the synthetic faces (ROC AUC 0.67,
+  Without it the tokens found the occluded points barely better than chance on the synthetic faces (ROC AUC 0.66,
   no recall at 80 % precision after the 700-step demo-plus run).
 - Gender, race: softmax cross-entropy (the expression loss, eq. (12), on another label field).
 """

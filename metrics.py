@@ -267,6 +267,9 @@ def verification_accuracy(emb_a, emb_b, issame, folds: int = 10) -> tuple[float,
 # tied instances always fall on the same side together. Over these thresholds, precision = TP / (TP + FP) and
 # recall = TP / P; the result is the largest recall among thresholds whose precision is >= the target precision,
 # and 0 when no threshold reaches it. NaN when the labels hold no occluded instance (recall undefined).
+# Reported beside it: the ROC AUC over the same instances, the probability that a random occluded instance scores
+# above a random visible one, ties counting one half (Mann-Whitney U / (P N)); 0.5 is chance, and any constant
+# score. NaN when either class is absent.
 
 def pose_mae(pred, target) -> dict:
     """{'yaw', 'pitch', 'roll', 'mean'}: mean absolute error in degrees per angle of pred, target [N, 3]."""
@@ -309,3 +312,19 @@ def visibility_recall(occlusion_scores, visible, precision: float = 0.8) -> floa
     store them."""
     v = _np(visible)
     return recall_at_precision(occlusion_scores, np.where(v == -1, -1, 1 - v), precision)
+
+
+def visibility_auc(occlusion_scores, visible) -> float:
+    """ROC AUC of the 'occluded' class (rules above); labels as `visibility_recall` takes them."""
+    s, v = _np(occlusion_scores).reshape(-1).astype(np.float64), _np(visible).reshape(-1)
+    if s.shape != v.shape:
+        raise ValueError(f"visibility_auc: scores and labels differ in size ({s.size} vs {v.size})")
+    known = v != -1
+    s, occluded = s[known], v[known] == 0
+    P, N = int(occluded.sum()), int((~occluded).sum())
+    if P == 0 or N == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]                          # mid-ranks, 1-based
+    return float((ranks[occluded].sum() - P * (P + 1) / 2.0) / (P * N))                # U / (P N)
+

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from data.transforms import Warp
 from metrics import (accuracy, auc_fr, f1_list, mae, mean_attribute_accuracy, nme_per_sample, parsing_confusion,
-                     parsing_f1, pose_mae, visibility_recall)
+                     parsing_f1, pose_mae, visibility_auc, visibility_recall)
 
 
 def to_cpu(t: torch.Tensor) -> torch.Tensor:
@@ -122,7 +122,8 @@ def _collect_visibility(state, out, batch, ctx):
 
 
 def _reduce_visibility(state, ctx):
-    return {"recall@p80": visibility_recall(np.concatenate(state["pred"]), np.concatenate(state["gt"]), 0.8)}
+    pred, gt = np.concatenate(state["pred"]), np.concatenate(state["gt"])
+    return {"recall@p80": visibility_recall(pred, gt, 0.8), "auc": visibility_auc(pred, gt)}
 
 
 def _class_kind(field: str):

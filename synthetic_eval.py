@@ -8,7 +8,7 @@ Dense heads read the size_512 rendering, the others the size_112 rendering of th
     expression (accuracy), attributes (CelebA's 40, mean accuracy), recognition (verification on pairs of test
     faces, flip-summed embeddings);
   beyond the paper: head pose (MAE per angle and mean, degrees), landmark visibility (the 29 COFW points of
-    cofw_visibility; recall at 80 % precision), gender and race (the 5 skin-tone bands; accuracy);
+    cofw_visibility; recall at 80 % precision and ROC AUC), gender and race (the 5 skin-tone bands; accuracy);
   transfer schemes (paper Table 9 in spirit; data.synthetic_labels): aflw19 (19 points, NME with the outer eye
     corners as unit, as the synthetic faces have no AFLW face box), lapa (11 classes, F1), synth_attr (mean accuracy).
 Baselines predict one constant for every face, from training faces: the mean normalised landmark shape, the
@@ -45,7 +45,8 @@ SYNTHETIC_HEADS = (
     SyntheticHead("attributes", "macc", 40, None, {"mean_accuracy": "attribute_macc"}),
     SyntheticHead("pose", "pose", None, None, {"mean": "pose_mae", "yaw": "pose_mae_yaw", "pitch": "pose_mae_pitch",
                                                 "roll": "pose_mae_roll"}),
-    SyntheticHead("visibility", "visibility", 29, "cofw_visibility", {"recall@p80": "visibility_recall"}),
+    SyntheticHead("visibility", "visibility", 29, "cofw_visibility", {"recall@p80": "visibility_recall",
+                                                                           "auc": "visibility_auc"}),
     SyntheticHead("gender", "gender", None, None, {"accuracy": "gender_acc"}),
     SyntheticHead("race", "race", synthetic_labels.RACE_BANDS, None, {"accuracy": "race_acc"}),
     SyntheticHead("landmarks", "nme", 19, "aflw19", {"nme": "aflw19_nme"}),
@@ -237,6 +238,7 @@ SYNTHETIC_ROWS = (("landmarks NME (300W inter-ocular) ↓", "nme", "nme_baseline
                   ("head pose MAE (degrees, mean of yaw / pitch / roll) ↓", "pose_mae", "pose_mae_baseline"),
                   ("landmark occlusion recall at 80% precision (29 points) ↑", "visibility_recall",
                    "visibility_recall_baseline"),
+                  ("landmark occlusion ROC AUC (29 points; 50 is chance, as any constant) ↑", "visibility_auc", None),
                   ("gender accuracy ↑", "gender_acc", "gender_acc_baseline"),
                   ("race (skin-tone band) accuracy ↑", "race_acc", "race_acc_baseline"),
                   ("transfer: 19-point landmarks NME (outer eye corners) ↓", "aflw19_nme", "aflw19_nme_baseline"),

@@ -87,3 +87,28 @@ def test_recall_at_precision_matches_brute_force(pairs, precision):
 def test_accuracy_serves_gender_and_race():
     logits = np.array([[2.0, 1.0], [0.0, 3.0], [1.0, 1.0]])              # argmax 0, 1, 0 (first on ties)
     assert metrics.accuracy(logits, [0, 0, 1]) == pytest.approx(1 / 3)
+
+
+def test_visibility_auc_by_hand():
+    # occluded (visible 0) scores 0.9, 0.4, 0.4; visible scores 0.5, 0.4, 0.1; one unknown (-1) left out.
+    # pairs (occluded, visible): 0.9 beats all 3; each 0.4 beats 0.1, ties 0.4 (1/2), loses to 0.5 -> 1.5 each.
+    scores = np.array([0.9, 0.4, 0.4, 0.5, 0.4, 0.1, 0.99])
+    visible = np.array([0, 0, 0, 1, 1, 1, -1])
+    assert metrics.visibility_auc(scores, visible) == pytest.approx((3 + 1.5 + 1.5) / 9)
+    assert metrics.visibility_auc(-scores, visible) == pytest.approx(1 - 6 / 9)           # reversed ranking
+    assert metrics.visibility_auc(np.zeros(6), visible[:6]) == 0.5                       # constant: chance
+    assert np.isnan(metrics.visibility_auc(scores[:3], visible[:3]))                     # no visible instance
+    with pytest.raises(ValueError, match="differ in size"):
+        metrics.visibility_auc(scores, visible[:3])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(-1, 1)), min_size=2, max_size=40))
+def test_visibility_auc_equals_the_pairwise_count(rows):
+    scores, visible = np.array([r[0] for r in rows], float), np.array([r[1] for r in rows])
+    occ, vis = scores[visible == 0], scores[visible == 1]
+    if occ.size == 0 or vis.size == 0:
+        assert np.isnan(metrics.visibility_auc(scores, visible))
+        return
+    pairs = (occ[:, None] > vis[None, :]) + 0.5 * (occ[:, None] == vis[None, :])
+    assert metrics.visibility_auc(scores, visible) == pytest.approx(pairs.mean())
